@@ -1,0 +1,124 @@
+"""Training checkpoints: safetensors weights + a small state file, written atomically.
+
+Layout under ``<out>/checkpoints/``::
+
+    step-0000200/  model.safetensors  ema.safetensors  state.pt  meta.json
+    latest         (text: the name of the newest complete checkpoint)
+
+A checkpoint directory is assembled under a temporary name and renamed into place only when
+every file is written, so a kill during writing leaves the previous checkpoint usable.
+``meta.json`` is written last inside the directory and marks it complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline.utils.io import atomic_write_text
+
+CKPT_FORMAT = "cop-ckpt/1"
+
+
+def state_dict_to_save(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # clone() breaks storage sharing (tied weights), which safetensors refuses to write.
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+
+
+def save_weights(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    from pipeline.utils.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        save_file(state_dict_to_save(state), str(tmp), metadata=metadata)
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    step: int
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return json.loads((self.path / "meta.json").read_text())
+
+    def model(self) -> dict[str, torch.Tensor]:
+        return load_weights(self.path / "model.safetensors")
+
+    def ema(self) -> dict[str, torch.Tensor] | None:
+        p = self.path / "ema.safetensors"
+        return load_weights(p) if p.exists() else None
+
+    def state(self) -> dict[str, Any]:
+        return torch.load(self.path / "state.pt", map_location="cpu", weights_only=True)
+
+
+def _is_complete(d: Path) -> bool:
+    return (d / "meta.json").exists() and (d / "model.safetensors").exists() and (d / "state.pt").exists()
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Checkpoint | None:
+    """The newest complete checkpoint; half-written ones (no meta.json) are ignored."""
+    if not ckpt_dir.exists():
+        return None
+    pointer = ckpt_dir / "latest"
+    if pointer.exists():
+        d = ckpt_dir / pointer.read_text().strip()
+        if _is_complete(d):
+            return Checkpoint(d, int(d.name.split("-")[1]))
+    done = sorted(d for d in ckpt_dir.glob("step-*") if d.is_dir() and _is_complete(d))
+    return Checkpoint(done[-1], int(done[-1].name.split("-")[1])) if done else None
+
+
+def write_checkpoint(ckpt_dir: Path, step: int, model_state: dict[str, torch.Tensor],
+                     ema_state: dict[str, torch.Tensor] | None, state: dict[str, Any],
+                     meta: dict[str, Any], keep: int = 2) -> Checkpoint:
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    final = ckpt_dir / f"step-{step:07d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:07d}.", dir=ckpt_dir))
+    try:
+        save_file(state_dict_to_save(model_state), str(tmp / "model.safetensors"))
+        if ema_state is not None:
+            save_file(state_dict_to_save(ema_state), str(tmp / "ema.safetensors"))
+        torch.save(state, tmp / "state.pt")
+        (tmp / "meta.json").write_text(json.dumps({"format": CKPT_FORMAT, "step": step, **meta},
+                                                  indent=2, sort_keys=True, default=str))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    atomic_write_text(ckpt_dir / "latest", final.name + "\n")
+    for old in sorted(d for d in ckpt_dir.glob("step-*") if d.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in ckpt_dir.glob(".step-*"):  # leftovers of killed writes
+        shutil.rmtree(stale, ignore_errors=True)
+    return Checkpoint(final, step)
+
+
+def config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        key = f"{prefix}{k}"
+        va, vb = a.get(k, "<missing>"), b.get(k, "<missing>")
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += config_diff(va, vb, key + ".")
+        elif va != vb:
+            out.append(f"{key}: {va!r} != {vb!r}")
+    return out

@@ -1,0 +1,450 @@
+"""The one training loop shared by CoMAE, CViT and CMAR.
+
+A model plugs in through a :class:`TrainTask` (its loss, parameter groups and config); the
+trainer owns everything else: the step-indexed data stream, AdamW with warm-up/cosine LR,
+bf16 autocast, gradient clipping, non-finite checks, EMA, DDP under ``torchrun``, atomic
+checkpoints with exact resume, and the metrics a DVC stage reports.
+
+Determinism: the data order and every random draw are functions of ``(seed, step)`` only.
+Before each step the global RNG is reseeded from ``(seed, step)`` (identically on every rank),
+and :class:`StepContext` draws task randomness for the *whole global batch* and hands each
+rank its own rows. Resuming from a checkpoint therefore replays the exact same steps, and a
+run on W processes sees the same numbers as one process with the same global batch.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+
+from pipeline.config import TrainConfig, params_dict
+from pipeline.train.checkpoint import (
+    config_diff, latest_checkpoint, save_weights, write_checkpoint,
+)
+from pipeline.train.ema import EMA
+from pipeline.train.schedules import lr_at
+from pipeline.utils.device import autocast, pick_device, resolve_precision
+from pipeline.utils.dist import all_reduce_mean, barrier, get_dist
+from pipeline.utils.io import atomic_write_json, atomic_write_text, read_json
+from pipeline.utils.progress import progress
+
+log = logging.getLogger(__name__)
+
+# Train-config keys that change what the run computes (the rest only change how it reports).
+_RESUME_KEYS = ("steps", "batch_size", "lr", "min_lr", "warmup_frac", "schedule", "weight_decay",
+                "betas", "grad_clip", "ema", "precision", "seed")
+
+
+class NonFiniteError(RuntimeError):
+    """NaN or inf in a batch, a loss or a gradient: raised before the optimiser steps."""
+
+
+class ConfigMismatchError(RuntimeError):
+    """A checkpoint made with another configuration than the one being run."""
+
+
+def _step_seed(seed: int, step: int) -> int:
+    return (seed * 1_000_003 + step * 7919 + 17) % (2**63 - 1)
+
+
+class StepContext:
+    """What a task needs to know about the current step, and its source of randomness.
+
+    ``rand``/``randn``/``randint`` draw a tensor for the whole global batch (first dim
+    ``global_batch``) from a generator seeded by ``(seed, step)`` and return this rank's rows,
+    so results do not depend on the number of processes.
+    """
+
+    def __init__(self, step: int, rows: Tensor, global_batch: int, device: torch.device,
+                 seed: int, dtype: torch.dtype) -> None:
+        self.step = step
+        self.rows = rows
+        self.global_batch = global_batch
+        self.device = device
+        self.dtype = dtype  # autocast dtype (float32 when off)
+        self.generator = torch.Generator().manual_seed(_step_seed(seed, step) ^ 0x5DEECE66D)
+
+    def _rows(self, full: Tensor) -> Tensor:
+        return full[self.rows].to(self.device)
+
+    def rand(self, *shape: int) -> Tensor:
+        return self._rows(torch.rand((self.global_batch, *shape), generator=self.generator))
+
+    def randn(self, *shape: int) -> Tensor:
+        return self._rows(torch.randn((self.global_batch, *shape), generator=self.generator))
+
+    def randint(self, high: int, *shape: int) -> Tensor:
+        return self._rows(torch.randint(high, (self.global_batch, *shape), generator=self.generator))
+
+    def randperm(self, n: int) -> Tensor:
+        """An independent random permutation of ``range(n)`` per row: [rows, n]."""
+        return self._rows(torch.rand((self.global_batch, n), generator=self.generator).argsort(dim=1))
+
+
+class TrainTask:
+    """What a model supplies to the trainer. Subclasses set ``model`` and implement ``loss``."""
+
+    model: nn.Module
+    find_unused_parameters: bool = False  # DDP: True when some steps leave parameters unused
+    items_per_sample: int = 1  # throughput unit (e.g. target reconstructions per image)
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {"all": [p for p in self.model.parameters() if p.requires_grad]}
+
+    def active_groups(self, step: int) -> Sequence[str]:
+        return list(self.param_groups())
+
+    def loss(self, model: nn.Module, batch: Any, ctx: StepContext) -> tuple[Tensor, dict[str, Any]]:
+        raise NotImplementedError
+
+    def config(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def collate(self, items: list[Any]) -> Any:
+        return default_collate(items)
+
+
+class StepBatchSampler(Sampler[list[int]]):
+    """Dataset indices of this rank's share of the global batch at each step.
+
+    The stream is an endless sequence of seeded permutations (one per epoch); the global batch
+    at step s is positions [s·B, (s+1)·B) of it, and rank r holds the contiguous slots
+    [r·B/W, (r+1)·B/W). Depends only on (seed, step), never on how the run was interrupted.
+    """
+
+    def __init__(self, n: int, global_batch: int, seed: int, start_step: int, end_step: int,
+                 rank: int = 0, world: int = 1) -> None:
+        if global_batch % world:
+            raise ValueError(f"batch_size {global_batch} must be divisible by the {world} processes")
+        if n == 0:
+            raise ValueError("the training dataset is empty")
+        self.n, self.B, self.seed = n, global_batch, seed
+        self.start, self.end = start_step, end_step
+        self.per_rank = global_batch // world
+        self.lo = rank * self.per_rank
+        self._perm_cache: dict[int, Tensor] = {}
+
+    def _perm(self, epoch: int) -> Tensor:
+        if epoch not in self._perm_cache:
+            self._perm_cache = {epoch: torch.randperm(
+                self.n, generator=torch.Generator().manual_seed(_step_seed(self.seed, -1 - epoch)))}
+        return self._perm_cache[epoch]
+
+    def global_indices(self, step: int) -> list[int]:
+        out = []
+        for pos in range(step * self.B, (step + 1) * self.B):
+            out.append(int(self._perm(pos // self.n)[pos % self.n]))
+        return out
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start, self.end):
+            yield self.global_indices(step)[self.lo:self.lo + self.per_rank]
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+
+def _check_finite_batch(batch: Any, step: int, where: str = "batch") -> None:
+    if isinstance(batch, Tensor):
+        if batch.is_floating_point() and not torch.isfinite(batch).all():
+            bad = (~torch.isfinite(batch)).reshape(batch.shape[0], -1).any(1).nonzero().flatten()
+            raise NonFiniteError(f"non-finite values in {where} at step {step} (rows {bad[:8].tolist()})")
+    elif isinstance(batch, dict):
+        for k, v in batch.items():
+            _check_finite_batch(v, step, f"{where}[{k!r}]")
+    elif isinstance(batch, (list, tuple)):
+        for i, v in enumerate(batch):
+            _check_finite_batch(v, step, f"{where}[{i}]")
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+class _MeanMeter:
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, int] = defaultdict(int)
+
+    def add(self, metrics: dict[str, float]) -> None:
+        for k, v in metrics.items():
+            self.sums[k] += v
+            self.counts[k] += 1
+
+    def means(self) -> dict[str, float]:
+        return {k: self.sums[k] / self.counts[k] for k in self.sums}
+
+    def state(self) -> dict[str, Any]:
+        return {"sums": dict(self.sums), "counts": dict(self.counts)}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.sums.update(state.get("sums", {}))
+        self.counts.update(state.get("counts", {}))
+
+
+class Trainer:
+    def __init__(self, task: TrainTask, dataset: Dataset, cfg: TrainConfig, out_dir: str | Path, *,
+                 log_csv: str | Path | None = None, metrics_json: str | Path | None = None,
+                 desc: str = "train", on_config_mismatch: str = "error",
+                 callbacks: Sequence[Callable[[int, "Trainer"], None]] = (),
+                 device: torch.device | None = None) -> None:
+        if on_config_mismatch not in ("error", "restart"):
+            raise ValueError("on_config_mismatch must be 'error' or 'restart'")
+        self.task, self.dataset, self.cfg = task, dataset, cfg
+        self.out_dir = Path(out_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.log_csv = Path(log_csv) if log_csv else None
+        self.metrics_json = Path(metrics_json) if metrics_json else None
+        self.desc, self.on_config_mismatch, self.callbacks = desc, on_config_mismatch, callbacks
+        self.dist = get_dist()
+        self.device = device or pick_device(self.dist.local_rank)
+        self.amp_dtype = resolve_precision(cfg.precision, self.device)
+        self.step = 0
+
+    # ------------------------------------------------------------------ setup
+
+    def _optimizers(self, model: nn.Module) -> dict[str, torch.optim.Optimizer]:
+        names = {id(p): n for n, p in model.named_parameters()}
+        opts = {}
+        for group, params in self.task.param_groups().items():
+            decay, no_decay = [], []
+            for p in params:
+                # MAE/MAR convention: no weight decay on biases, norms and 1-D embeddings.
+                (no_decay if p.ndim <= 1 or names.get(id(p), "").endswith(".bias") else decay).append(p)
+            opts[group] = torch.optim.AdamW(
+                [{"params": decay, "weight_decay": self.cfg.weight_decay},
+                 {"params": no_decay, "weight_decay": 0.0}],
+                lr=self.cfg.lr, betas=tuple(self.cfg.betas),
+            )
+        return opts
+
+    def _meta(self) -> dict[str, Any]:
+        train = params_dict(self.cfg)
+        return {"task": self.task.config(), "train": {k: train[k] for k in _RESUME_KEYS}}
+
+    def _resume(self, model: nn.Module, opts: dict[str, torch.optim.Optimizer], ema: EMA | None,
+                epoch_meter: _MeanMeter) -> int:
+        ckpt = latest_checkpoint(self.ckpt_dir)
+        if ckpt is None:
+            return 0
+        diff = config_diff(ckpt.meta.get("config", {}), self._meta())
+        if diff:
+            msg = (f"checkpoint {ckpt.path} was made with another configuration:\n  "
+                   + "\n  ".join(diff))
+            if self.on_config_mismatch == "error":
+                raise ConfigMismatchError(msg + "\nuse another output folder or remove it")
+            log.warning("%s\nstarting over (the stale checkpoints are removed)", msg)
+            barrier()
+            if self.dist.is_main:
+                import shutil
+
+                shutil.rmtree(self.ckpt_dir, ignore_errors=True)
+            barrier()
+            return 0
+        model.load_state_dict(ckpt.model())
+        state = ckpt.state()
+        for name, opt in opts.items():
+            opt.load_state_dict(state["optimizers"][name])
+        if ema is not None:
+            ema_state = ckpt.ema()
+            if ema_state is None:
+                raise ConfigMismatchError(f"{ckpt.path} has no EMA weights but EMA is enabled")
+            ema.load_state_dict(ema_state)
+        epoch_meter.load(state.get("epoch_meter", {}))
+        if self.dist.is_main:
+            print(f"[{self.desc}] resuming from {ckpt.path} (step {ckpt.step})", flush=True)
+        return ckpt.step
+
+    # ------------------------------------------------------------------ logging
+
+    def _csv_paths(self) -> tuple[Path | None, Path | None]:
+        if not self.log_csv:
+            return None, None
+        return self.log_csv, self.log_csv.with_name(self.log_csv.stem + "_epochs.csv")
+
+    def _truncate_csv(self, path: Path | None, upto_step: int, key: str) -> None:
+        """After a resume, drop rows logged past the checkpoint so the curve has no duplicates."""
+        if path is None or not path.exists() or not self.dist.is_main:
+            return
+        rows = list(csv.DictReader(path.open()))
+        if not rows:
+            return
+        kept = [r for r in rows if float(r[key]) <= upto_step]
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(rows[0].keys()))
+        w.writeheader()
+        w.writerows(kept)
+        atomic_write_text(path, buf.getvalue())
+
+    def _append_csv(self, path: Path | None, row: dict[str, Any]) -> None:
+        if path is None or not self.dist.is_main:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists() and path.stat().st_size:
+            fields = next(csv.reader(path.open()))
+            with path.open("a", newline="") as f:
+                csv.DictWriter(f, fieldnames=fields, extrasaction="ignore", restval="").writerow(row)
+        else:
+            with path.open("w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(row.keys()), restval="")
+                w.writeheader()
+                w.writerow(row)
+
+    def _reduce(self, means: dict[str, float]) -> dict[str, float]:
+        if not self.dist.enabled or not means:
+            return means
+        keys = sorted(means)
+        t = all_reduce_mean(torch.tensor([means[k] for k in keys], dtype=torch.float64,
+                                         device=self.device if self.device.type == "cuda" else "cpu"))
+        return dict(zip(keys, t.tolist()))
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self) -> dict[str, Any]:
+        cfg, task, dist = self.cfg, self.task, self.dist
+        model = task.model.to(self.device)
+        opts = self._optimizers(model)
+        ema = EMA(model, cfg.ema) if cfg.ema else None
+        epoch_meter = _MeanMeter()
+        start = self._resume(model, opts, ema, epoch_meter)
+        self.step = start
+        window_csv, epoch_csv = self._csv_paths()
+        self._truncate_csv(window_csv, start, "step")
+        self._truncate_csv(epoch_csv, start / max(len(self.dataset), 1) * cfg.batch_size, "epoch")
+
+        wrapped: nn.Module = model
+        if dist.enabled:
+            wrapped = DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=task.find_unused_parameters,
+            )
+        n = len(self.dataset)
+        sampler = StepBatchSampler(n, cfg.batch_size, cfg.seed, start, cfg.steps, dist.rank, dist.world)
+        loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
+                            collate_fn=task.collate, pin_memory=self.device.type == "cuda")
+        rows = torch.arange(sampler.lo, sampler.lo + sampler.per_rank)
+        window = _MeanMeter()
+        final: dict[str, Any] = {}
+        t_window, t_start, samples_window = time.perf_counter(), time.perf_counter(), 0
+        bar = progress(total=cfg.steps, initial=start, desc=self.desc, unit="step")
+        model.train()
+        for batch in loader:
+            step = self.step
+            torch.manual_seed(_step_seed(cfg.seed, step))
+            _check_finite_batch(batch, step)
+            batch = _to_device(batch, self.device)
+            ctx = StepContext(step, rows, cfg.batch_size, self.device, cfg.seed, self.amp_dtype)
+            lr = lr_at(step, cfg)
+            active = list(task.active_groups(step))
+            for name in active:
+                for g in opts[name].param_groups:
+                    g["lr"] = lr
+            with autocast(self.device, self.amp_dtype):
+                loss, metrics = task.loss(wrapped, batch, ctx)
+            if not torch.isfinite(loss):
+                raise NonFiniteError(f"[{self.desc}] loss is {loss.item()} at step {step}: "
+                                     f"{ {k: float(v) for k, v in metrics.items()} }")
+            loss.backward()
+            params = [p for name in active for g in opts[name].param_groups for p in g["params"]
+                      if p.grad is not None]
+            if cfg.grad_clip:
+                gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            else:
+                gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])) \
+                    if params else torch.tensor(0.0)
+            if not torch.isfinite(gnorm):
+                raise NonFiniteError(f"[{self.desc}] gradient norm is {gnorm.item()} at step {step}")
+            for name in active:
+                opts[name].step()
+            for opt in opts.values():
+                opt.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(model)
+            self.step = step + 1
+
+            values = {k: float(v) for k, v in metrics.items()}
+            values["loss"] = float(loss.detach())
+            values["grad_norm"] = float(gnorm)
+            window.add(values)
+            epoch_meter.add(values)
+            samples_window += cfg.batch_size
+            bar.update(1)
+            bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
+
+            last = self.step == cfg.steps
+            if self.step % cfg.log_every == 0 or last:
+                dt = max(time.perf_counter() - t_window, 1e-9)
+                means = self._reduce(window.means())
+                final = {"step": self.step, "epoch": self.step * cfg.batch_size / n, "lr": lr, **means,
+                         "samples_per_s": samples_window / dt,
+                         "items_per_s": samples_window * task.items_per_sample / dt}
+                self._append_csv(window_csv, final)
+                window, samples_window, t_window = _MeanMeter(), 0, time.perf_counter()
+            # epoch boundary: the samples seen crossed a multiple of the dataset size
+            if (self.step * cfg.batch_size) // n > (step * cfg.batch_size) // n or last:
+                self._append_csv(epoch_csv, {"epoch": round(self.step * cfg.batch_size / n, 4),
+                                             "step": self.step, **self._reduce(epoch_meter.means())})
+                epoch_meter = _MeanMeter()
+            if self.step % cfg.ckpt_every == 0 or last:
+                self._checkpoint(model, opts, ema, epoch_meter)
+            for cb in self.callbacks:
+                cb(self.step, self)
+        bar.close()
+        elapsed = time.perf_counter() - t_start
+        return self._finish(model, ema, final, elapsed, start)
+
+    def _checkpoint(self, model: nn.Module, opts: dict[str, torch.optim.Optimizer], ema: EMA | None,
+                    epoch_meter: _MeanMeter) -> None:
+        if self.dist.is_main:
+            write_checkpoint(
+                self.ckpt_dir, self.step, model.state_dict(),
+                ema.state_dict() if ema is not None else None,
+                {"optimizers": {k: o.state_dict() for k, o in opts.items()},
+                 "epoch_meter": epoch_meter.state()},
+                {"config": self._meta()},
+            )
+        barrier()
+
+    def _finish(self, model: nn.Module, ema: EMA | None, final: dict[str, Any], elapsed: float,
+                start: int) -> dict[str, Any]:
+        ckpt = latest_checkpoint(self.ckpt_dir)
+        if ckpt is None or ckpt.step != self.cfg.steps:
+            raise RuntimeError(f"training ended at step {self.step} without a final checkpoint")
+        if not final:  # the run had already finished: report what it logged then
+            prev = self.out_dir / "config.json"
+            final = dict(read_json(prev).get("final", {})) if prev.exists() else {"step": ckpt.step}
+        final = {**final, "train_steps": self.cfg.steps, "steps_this_run": self.cfg.steps - start,
+                 "wall_time_s": elapsed}
+        if self.dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            save_weights(self.out_dir / "model.safetensors", model.state_dict())
+            ema_state = ckpt.ema()
+            if ema_state is not None:
+                save_weights(self.out_dir / "model_ema.safetensors", ema_state)
+            atomic_write_json(self.out_dir / "config.json",
+                              {**self._meta(), "train_full": params_dict(self.cfg), "final": final})
+            if self.metrics_json:
+                atomic_write_json(self.metrics_json, _json_safe(final))
+        barrier()
+        return final
+
+
+def _json_safe(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
