@@ -100,6 +100,14 @@ class LatentsConfig(Section):
     rows_per_shard: int = Field(1024, ge=1, description="Zarr shard (rows): the unit of work")
     compression_level: int = Field(3, ge=0, le=22)
 
+    @model_validator(mode="after")
+    def _shard_holds_whole_chunks(self) -> "LatentsConfig":
+        # Zarr's sharding codec needs the shard shape to be a multiple of the chunk shape.
+        if self.rows_per_shard % self.rows_per_chunk:
+            raise ValueError(f"rows_per_shard ({self.rows_per_shard}) must be a multiple of "
+                             f"rows_per_chunk ({self.rows_per_chunk})")
+        return self
+
 
 # ----------------------------------------------------------------------------- training
 
@@ -209,7 +217,7 @@ class CvitConfig(Section):
 
 
 class CmarConfig(Section):
-    # MAR-B: enc/dec 768 x 12, buffer 64, diffloss 3 x 1024. The CPU default is tiny.
+    # MAR-B: enc/dec 768 x 12 (12 heads), buffer 64, diffloss 6 x 1024. The CPU default is tiny.
     enc_dim: int = Field(64, ge=8)
     enc_depth: int = Field(2, ge=1)
     enc_heads: int = Field(4, ge=1)
@@ -220,10 +228,15 @@ class CmarConfig(Section):
     diffloss_d: int = Field(2, ge=1)
     diffloss_w: int = Field(128, ge=8)
     diffusion_batch_mul: int = Field(4, ge=1)
-    num_sampling_steps: str = "100"
+    num_sampling_steps: str = Field("100", pattern=r"^(|ddim\d+|\d+(,\d+)*)$")
     label_drop_prob: float = Field(0.1, ge=0, le=1)
     mask_ratio_min: float = Field(0.7, ge=0, le=1)
+    attn_dropout: float = Field(0.1, ge=0, lt=1)
+    proj_dropout: float = Field(0.1, ge=0, lt=1)
+    posterior_sample: bool = Field(True, description="train on posterior samples (MAR), not means")
     pretrained: str | None = Field(None, description="MAR checkpoint-last.pth to fine-tune")
+    pretrained_key: Literal["model_ema", "model"] = Field(
+        "model_ema", description="which state dict of the MAR checkpoint to start from")
     allow_missing_keys: bool = False
     # orders
     order: Literal["collapse", "random"] = "collapse"
@@ -236,7 +249,24 @@ class CmarConfig(Section):
     cfg_schedule: Literal["linear", "constant"] = "linear"
     temperature: float = Field(1.0, gt=0, le=5.0)
     samples_per_class: int = Field(16, ge=1)
+    eval_batch_size: int = Field(32, ge=1)
+    eval_reference_images: int | None = Field(
+        None, ge=1, description="real val images as the no-download reference (null = all)")
+    inception_weights: str | None = Field(
+        None, description="pt_inception-2015-12-05 weights (.pth); enables FID/IS")
+    reference_batch: str | None = Field(
+        None, description="ADM reference batch .npz (VIRTUAL_imagenet256_labeled.npz)")
     train: TrainConfig = TrainConfig(steps=300, batch_size=32, lr=1e-3, ema=0.999, ckpt_every=100)
+
+    @model_validator(mode="after")
+    def _cmar_checks(self) -> "CmarConfig":
+        for side in ("enc", "dec"):
+            dim, heads = getattr(self, f"{side}_dim"), getattr(self, f"{side}_heads")
+            if dim % heads:
+                raise ValueError(f"{side}_dim ({dim}) must be divisible by {side}_heads ({heads})")
+        if self.reference_batch and not self.inception_weights:
+            raise ValueError("reference_batch needs inception_weights (FID is computed in Inception space)")
+        return self
 
 
 # ----------------------------------------------------------------------------- root

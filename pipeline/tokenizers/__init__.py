@@ -1,0 +1,70 @@
+"""Tokenizers: images <-> token grids. See docs/architecture.md ("Tokenizer").
+
+- ``kl16``: MAR's KL-16 VAE (diffusers AutoencoderKL, weights from a local checkpoint).
+- ``patch``: the offline STAND-IN, a PCA patch tokenizer fitted on the training images.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from pipeline.config import TokenizerConfig
+from pipeline.tokenizers.base import (CONFIG_FILE, WEIGHTS_FILE, Tokenizer, read_saved_config,
+                                      state_dict_sha256)
+from pipeline.tokenizers.kl16 import CheckpointError, KL16Tokenizer
+from pipeline.tokenizers.patch import PatchTokenizer
+
+__all__ = ["Tokenizer", "KL16Tokenizer", "PatchTokenizer", "CheckpointError",
+           "build_tokenizer", "load_tokenizer", "state_dict_sha256"]
+
+
+def build_tokenizer(cfg: TokenizerConfig,
+                    fit_images: np.ndarray | Sequence[np.ndarray] | None = None,
+                    device: torch.device | str = "cpu") -> Tokenizer:
+    """The tokenizer ``cfg`` describes, on ``device``, with its precision settings applied.
+
+    ``kl16`` loads ``cfg.checkpoint``; ``patch`` is fitted on ``fit_images`` (uint8
+    [n, H, W, 3] training images; the first ``cfg.fit_images`` of them are used).
+    """
+    tok: Tokenizer
+    if cfg.kind == "kl16":
+        if not cfg.checkpoint:
+            raise ValueError("tokenizer.checkpoint is required for kind 'kl16'")
+        tok = KL16Tokenizer.from_checkpoint(cfg.checkpoint)
+    elif cfg.kind == "patch":
+        if fit_images is None or len(fit_images) == 0:
+            raise ValueError("the patch stand-in must be fitted: pass fit_images "
+                             "(uint8 training images [n, H, W, 3])")
+        tok = PatchTokenizer(cfg.patch_size, cfg.dim).fit(fit_images[: cfg.fit_images])
+    else:  # pydantic already restricts kind; this guards direct callers
+        raise ValueError(f"unknown tokenizer kind {cfg.kind!r}")
+    return tok.to(device).set_precision(cfg.precision, cfg.channels_last)
+
+
+def load_tokenizer(directory: str | Path, precision: str = "fp32", channels_last: bool = False,
+                   device: torch.device | str = "cpu") -> Tokenizer:
+    """A tokenizer written by ``Tokenizer.save(directory)``; weights are checked against the
+    hash recorded beside them."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    meta = read_saved_config(directory)
+    state = load_file(str(directory / WEIGHTS_FILE))
+    tok: Tokenizer
+    if meta["kind"] == "kl16":
+        # Saved from KL16Tokenizer's state dict: diffusers names under the "vae." submodule.
+        tok = KL16Tokenizer({k.removeprefix("vae."): v for k, v in state.items()},
+                            source=str(directory / WEIGHTS_FILE))
+    elif meta["kind"] == "patch":
+        cfg = meta["config"]
+        tok = PatchTokenizer(cfg["patch_size"], cfg["dim"])
+        tok.load_state_dict(state, strict=True)
+    else:
+        raise ValueError(f"{directory / CONFIG_FILE}: unknown tokenizer kind {meta['kind']!r}")
+    if tok.weights_sha256() != meta.get("weights_sha256"):
+        raise ValueError(f"{directory}: weights do not match the hash in {CONFIG_FILE}")
+    return tok.to(device).set_precision(precision, channels_last)
