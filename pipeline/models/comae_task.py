@@ -1,0 +1,94 @@
+"""CoMAE's training task for the shared trainer (``pipeline.train.trainer``).
+
+The paper optimises f and g "alternately, batch by batch" (Sec. 3.1, 4): even steps update
+the decoder g (f runs without autograd, so w is a constant), odd steps update the encoder f
+(and tau) through g, whose parameters are detached for that step. Each group has its own AdamW
+(``param_groups``) and the trainer steps only ``active_groups(step)``.
+
+Per step and image the task draws, from the trainer's (seed, step) generator so that 1 and N
+processes see the same numbers: a horizontal flip (the store's cached flipped latents),
+``targets_per_image`` distinct targets, and the noise eps of eq. 3.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from pipeline.config import ComaeConfig
+from pipeline.models.comae import (
+    CoMAE,
+    ComaeError,
+    contrastive_loss,
+    mask_entropy,
+    reconstruction_loss,
+)
+from pipeline.train.trainer import StepContext, TrainTask
+
+ENCODER, DECODER = "encoder", "decoder"
+
+
+def _unwrap(model: nn.Module) -> CoMAE:
+    return model.module if hasattr(model, "module") else model  # DDP keeps the model in .module
+
+
+class ComaeTask(TrainTask):
+    find_unused_parameters = True  # each alternating step leaves one half without gradients
+
+    def __init__(self, model: CoMAE, cfg: ComaeConfig) -> None:
+        if cfg.targets_per_image > model.num_tokens - 1:
+            raise ComaeError(
+                f"comae.targets_per_image ({cfg.targets_per_image}) must be below the number "
+                f"of tokens per image ({model.num_tokens})"
+            )
+        self.model = model
+        self.cfg = cfg
+        self.items_per_sample = cfg.targets_per_image  # throughput unit: reconstructions/s
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {ENCODER: self.model.encoder_parameters(), DECODER: self.model.decoder_parameters()}
+
+    @staticmethod
+    def half_at(step: int) -> str:
+        """Which half learns at ``step``: the decoder on even steps, the encoder on odd."""
+        return DECODER if step % 2 == 0 else ENCODER
+
+    def active_groups(self, step: int) -> list[str]:
+        return [self.half_at(step)]
+
+    def config(self) -> dict[str, Any]:
+        # Architecture + grid/dim (config.json) and the loss settings: resuming a run with a
+        # different lambda/sigma/targets is a different experiment, not a continuation.
+        return self.model.config()
+
+    def loss(self, model: nn.Module, batch: dict[str, Tensor], ctx: StepContext
+             ) -> tuple[Tensor, dict[str, float | Tensor]]:
+        core = _unwrap(model)  # for its sizes and checks; the pass itself goes through model
+        N, D, T = core.num_tokens, core.token_dim, self.cfg.targets_per_image
+        grids = batch["tokens"].to(ctx.device)  # [b, D, h, w] (this rank's rows)
+        flip = ctx.rand() < 0.5  # [b]
+        grids = torch.where(flip[:, None, None, None], batch["tokens_flip"].to(ctx.device), grids)
+        tokens = grids.flatten(2).transpose(1, 2).contiguous()  # [b, N, D]
+        core.check_tokens(tokens)  # wrong grid/dim or NaN/inf: stop before any update
+        targets = ctx.randperm(N)[:, :T]  # [b, T] distinct targets per image
+        eps = ctx.randn(T, N - 1, D)  # [b, T, N-1, D] eq. 3 noise for the kept tokens
+
+        half = self.half_at(ctx.step)
+        out = model(tokens, targets, eps, update=half)
+        w, tau = out["w"], out["tau"]  # [b, T, N], scalar (both constants in g's step)
+        l_r = reconstruction_loss(out["target"], out["recon"])
+        l_c = contrastive_loss(w, tau)  # depends on f and tau only: no gradient in g's step
+        loss = l_r + self.cfg.lambda_ * l_c
+        metrics = {
+            "L_r": l_r.detach(),
+            "L_c": l_c.detach(),
+            "H_mask": mask_entropy(w.detach()),
+            "tau": tau.detach(),
+            "w_mean": w.detach().mean(),
+        }
+        return loss, metrics
+
+
+__all__ = ["ComaeTask", "DECODER", "ENCODER"]

@@ -1,0 +1,331 @@
+"""CoMAE: masking invariants, eq. 3-7 on hand-computed cases, the alternating gradients,
+dependency matrices, bad input, and the shared trainer driven by the CoMAE task (exact resume
+after a kill, 2-process DDP == 1 process)."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from pipeline.config import ComaeConfig, TrainConfig
+from pipeline.models.comae import (
+    CoMAE,
+    ComaeError,
+    _cls_only_block,
+    contrastive_loss,
+    load_comae,
+    mask_entropy,
+    noise_alpha,
+    reconstruction_loss,
+)
+from pipeline.models.comae_task import ComaeTask
+from pipeline.train.checkpoint import latest_checkpoint
+from pipeline.train.trainer import ConfigMismatchError, NonFiniteError, StepContext, Trainer
+
+GRID, DIM = 4, 4
+N = GRID * GRID
+TINY = dict(enc_dim=16, enc_depth=2, enc_heads=2, dec_dim=16, dec_depth=2, dec_heads=2,
+            head_layers=2, targets_per_image=4, sigma=0.5)
+
+
+def tiny(seed: int = 0, **kw) -> CoMAE:
+    torch.manual_seed(seed)
+    return CoMAE(ComaeConfig(**{**TINY, **kw}), GRID, DIM)
+
+
+def rand_inputs(B: int = 3, T: int = 4, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randn(B, N, DIM, generator=g)
+    targets = torch.rand(B, N, generator=g).argsort(1)[:, :T]
+    eps = torch.randn(B, T, N - 1, DIM, generator=g)
+    return tokens, targets, eps
+
+
+class Grids(torch.utils.data.Dataset):
+    """TokenGridDataset-shaped items over fixed random grids (flip = mirrored grid)."""
+
+    def __init__(self, n: int = 12, nan_row: int | None = None) -> None:
+        self.x = torch.randn(n, DIM, GRID, GRID, generator=torch.Generator().manual_seed(5))
+        if nan_row is not None:
+            self.x[nan_row, 0, 0, 0] = float("nan")
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"tokens": self.x[i], "tokens_flip": self.x[i].flip(-1), "label": 0, "index": i}
+
+
+def train_cfg(**kw) -> TrainConfig:
+    base = dict(steps=6, batch_size=4, lr=1e-3, precision="fp32", ckpt_every=2, log_every=2, seed=3)
+    return TrainConfig(**{**base, **kw})
+
+
+# ----------------------------------------------------------------------------- model invariants
+
+
+def test_shapes_and_selection_range() -> None:
+    m = tiny().eval()
+    tokens, targets, eps = rand_inputs()
+    out = m(tokens, targets, eps)
+    assert out["w"].shape == (3, 4, N) and out["recon"].shape == (3, 4, DIM)
+    assert out["w"].dtype == torch.float32
+    w = out["w"]
+    assert (w >= 0).all() and (w <= 1).all()
+    assert (w.gather(2, targets.unsqueeze(-1)) == 0).all()  # w^n_n = 0
+    assert torch.equal(out["target"], tokens[torch.arange(3)[:, None], targets])
+
+
+def test_target_never_reaches_f_or_g() -> None:
+    """Changing e_n (and only e_n) changes neither w^n nor e*_n, for every target."""
+    m = tiny().eval()
+    tokens, _, _ = rand_inputs(B=2)
+    targets = torch.arange(N).expand(2, N)  # every patch is a target once
+    eps = torch.randn(2, N, N - 1, DIM)
+    with torch.no_grad():
+        ref = m(tokens, targets, eps)
+        for n in (0, 5, N - 1):
+            bumped = tokens.clone()
+            bumped[:, n] += 100.0
+            out = m(bumped, targets, eps)
+            assert torch.equal(out["w"][:, n], ref["w"][:, n])
+            assert torch.equal(out["recon"][:, n], ref["recon"][:, n])
+            # ...while another target, which does see e_n, changes.
+            other = (n + 1) % N
+            assert not torch.allclose(out["w"][:, other], ref["w"][:, other])
+
+
+def test_alpha_follows_eq4() -> None:
+    sigma = 0.5
+    a = noise_alpha(torch.tensor([0.0, 1.0, 0.5]), sigma)
+    assert a[1] == 1.0  # a selected patch is kept clean
+    assert a[0] == pytest.approx(math.exp(-1 / (2 * sigma**2)))  # exp(-2) at w = 0
+    assert a[2] == pytest.approx(math.exp(-0.25 / (2 * sigma**2)))
+    # eq. 3 through the model: w = 1 keeps e_i, w = 0 mixes exp(-2) e_i + (1 - exp(-2)) eps.
+    m = tiny()
+    tokens, targets, eps = rand_inputs(B=1, T=1)
+    w = torch.zeros(1, 1, N)
+    w[0, 0, m.keep[targets[0, 0]][:3]] = 1.0
+    noised = m.noise(tokens, targets, w, eps)  # [1, 1, N-1, D]
+    kept = tokens[0, m.keep[targets[0, 0]]]
+    torch.testing.assert_close(noised[0, 0, :3], kept[:3])
+    a0 = math.exp(-2.0)
+    torch.testing.assert_close(noised[0, 0, 3:], a0 * kept[3:] + (1 - a0) * eps[0, 0, 3:])
+
+
+def test_cls_only_block_matches_block() -> None:
+    m = tiny()
+    blk = m.encoder.blocks[-1]
+    x = torch.randn(5, N, 16)
+    tgt = torch.tensor([0, 3, 7, 9, 15])
+    rope = m._rope(tgt, m.encoder.head_dim)
+    torch.testing.assert_close(_cls_only_block(blk, x, rope), blk(x, rope=rope)[:, 0],
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_dependency_matrices_match_select_and_chunking() -> None:
+    m = tiny().eval()
+    tokens, _, _ = rand_inputs(B=2)
+    A = m.dependency_matrices(tokens, chunk=7)
+    assert A.shape == (2, N, N) and A.dtype == torch.float32
+    assert (A.diagonal(dim1=1, dim2=2) == 0).all()
+    with torch.no_grad():
+        ref = m.select(tokens, torch.arange(N).expand(2, N))
+    torch.testing.assert_close(A, ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(m.dependency_matrices(tokens, chunk=1000), A, atol=1e-6, rtol=1e-5)
+    Ab = m.dependency_matrices(tokens, dtype=torch.bfloat16)
+    assert Ab.dtype == torch.float32 and (Ab - A).abs().max() < 0.05
+
+
+# ----------------------------------------------------------------------------- losses (eq. 6, 7)
+
+
+def test_loss_values_by_hand() -> None:
+    e = torch.tensor([[1.0, -2.0, 0.5]])
+    r = torch.tensor([[0.0, 0.0, 1.0]])
+    assert reconstruction_loss(e, r).item() == pytest.approx(1 + 2 + 0.5)
+    # two orthogonal selections: sim = I, so each row is -log(e^{1/t} / (e^{1/t} + e^0))
+    w = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 0.5, 0.0]]])
+    tau = torch.tensor(0.5)
+    assert contrastive_loss(w, tau).item() == pytest.approx(math.log(1 + math.exp(-2.0)), rel=1e-6)
+    # identical selections: every row is a uniform softmax over T
+    w_same = torch.ones(2, 3, 4)
+    assert contrastive_loss(w_same, tau).item() == pytest.approx(math.log(3), rel=1e-6)
+    # eq. 7: -(sum_j w log w), 0 log 0 = 0, mean over the M samples
+    wm = torch.tensor([[0.5, 0.5, 0.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
+    assert mask_entropy(wm).item() == pytest.approx(math.log(2) / 2, rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- alternating steps
+
+
+def _grads_after(update: str) -> CoMAE:
+    m = tiny()
+    tokens, targets, eps = rand_inputs()
+    out = m(tokens, targets, eps, update=update)
+    loss = reconstruction_loss(out["target"], out["recon"]) + 0.01 * contrastive_loss(out["w"], out["tau"])
+    loss.backward()
+    return m
+
+
+def _has_grad(params) -> list[bool]:
+    return [p.grad is not None and bool(p.grad.abs().sum() > 0) for p in params]
+
+
+def test_gradient_reaches_only_the_updated_half() -> None:
+    m = _grads_after("decoder")
+    assert not any(p.grad is not None for p in m.encoder_parameters())
+    assert all(_has_grad(m.decoder_parameters()))
+    m = _grads_after("encoder")
+    assert not any(p.grad is not None for p in m.decoder_parameters())
+    assert all(_has_grad(m.encoder_parameters()))  # f, select head and log_tau
+    # the encoder's gradient through the frozen g equals the one of joint backprop
+    m_both = _grads_after("both")
+    for p, q in zip(m.encoder_parameters(), m_both.encoder_parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+
+
+def test_task_alternates_groups() -> None:
+    task = ComaeTask(tiny(), ComaeConfig(**TINY))
+    assert set(task.param_groups()) == {"encoder", "decoder"}
+    assert [task.active_groups(s) for s in range(4)] == [["decoder"], ["encoder"]] * 2
+    enc = {id(p) for p in task.param_groups()["encoder"]}
+    dec = {id(p) for p in task.param_groups()["decoder"]}
+    assert not enc & dec and enc | dec == {id(p) for p in task.model.parameters()}
+    ctx = StepContext(1, torch.arange(4), 4, torch.device("cpu"), 0, torch.float32)
+    batch = torch.utils.data.default_collate([Grids()[i] for i in range(4)])
+    loss, metrics = task.loss(task.model, batch, ctx)
+    assert loss.requires_grad and {"L_r", "L_c", "H_mask", "tau"} <= set(metrics)
+    assert float(metrics["tau"]) == pytest.approx(0.1)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_bad_input_is_refused() -> None:
+    m = tiny()
+    with pytest.raises(ComaeError, match="grid 4x4"):
+        m.check_tokens(torch.randn(1, 9, DIM))
+    with pytest.raises(ComaeError, match="token dim 4"):
+        m.check_tokens(torch.randn(1, N, 8))
+    bad = torch.randn(3, N, DIM)
+    bad[2, 4, 1] = float("inf")
+    with pytest.raises(ComaeError, match=r"rows \[2\]"):
+        m.dependency_matrices(bad)
+
+    class Store:
+        grid, dim, path = 8, DIM, "other.zarr"
+
+    with pytest.raises(ComaeError, match="8x8 grid of 4-dim tokens"):
+        m.check_store(Store())
+    with pytest.raises(ComaeError, match="targets_per_image"):
+        ComaeTask(m, ComaeConfig(**{**TINY, "targets_per_image": N}))
+
+
+def test_nan_batch_stops_before_any_update(tmp_path: Path) -> None:
+    m = tiny()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    task = ComaeTask(m, ComaeConfig(**TINY))
+    with pytest.raises((NonFiniteError, ComaeError)):
+        Trainer(task, Grids(n=4, nan_row=1), train_cfg(batch_size=4), tmp_path).fit()
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+    assert latest_checkpoint(tmp_path / "checkpoints") is None
+
+
+# ----------------------------------------------------------------------------- trainer + files
+
+
+def _fit(out: Path, cfg: TrainConfig | None = None, model_kw: dict | None = None,
+         callbacks=()) -> tuple[CoMAE, dict]:
+    model_kw = model_kw or {}
+    m = tiny(**model_kw)
+    task = ComaeTask(m, ComaeConfig(**{**TINY, **model_kw}))
+    final = Trainer(task, Grids(), cfg or train_cfg(), out, log_csv=out / "log.csv",
+                    metrics_json=out / "metrics.json", callbacks=callbacks).fit()
+    return m, final
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_after_kill_matches_uninterrupted(tmp_path: Path) -> None:
+    ref, final = _fit(tmp_path / "ref")
+    assert {"L_r", "L_c", "H_mask", "tau", "lr", "items_per_s"} <= set(final)
+
+    def kill_at_5(step: int, trainer: Trainer) -> None:
+        if step == 5:  # after the step-4 checkpoint, before the next one
+            raise Killed
+
+    out = tmp_path / "run"
+    with pytest.raises(Killed):
+        _fit(out, callbacks=[kill_at_5])
+    # a kill during the next checkpoint's write leaves a half-written folder behind
+    half = out / "checkpoints" / "step-0000006"
+    half.mkdir()
+    (half / "model.safetensors").write_bytes(b"\0" * 10)
+    assert latest_checkpoint(out / "checkpoints").step == 4
+    resumed, _ = _fit(out)
+    for k, v in ref.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+    rows = (out / "log.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["2", "4", "6"]  # no duplicated window
+
+    # the stored model loads back as the same function
+    loaded, info = load_comae(out)
+    assert info["weights"] == "model.safetensors" and len(info["sha256"]) == 64
+    tokens = torch.randn(2, N, DIM)
+    torch.testing.assert_close(loaded.dependency_matrices(tokens),
+                               ref.eval().dependency_matrices(tokens))
+    # another architecture in params.yaml than the trained one is refused, naming the key
+    with pytest.raises(ComaeError, match="enc_dim: 16 != 32"):
+        load_comae(out, expect=ComaeConfig(**{**TINY, "enc_dim": 32}))
+    load_comae(out, expect=ComaeConfig(**{**TINY, "lambda": 0.0}))  # training-only key: fine
+    # resuming the checkpoints with another loss setting is another experiment: refused
+    with pytest.raises(ConfigMismatchError, match="sigma"):
+        _fit(out, model_kw={"sigma": 0.25})
+
+
+def test_load_comae_refuses_mixed_folder(tmp_path: Path) -> None:
+    _fit(tmp_path / "a", cfg=train_cfg(steps=2))
+    _fit(tmp_path / "b", cfg=train_cfg(steps=2), model_kw={"enc_dim": 32})
+    (tmp_path / "b" / "config.json").write_bytes((tmp_path / "a" / "config.json").read_bytes())
+    with pytest.raises(ComaeError, match="does not match its config.json"):
+        load_comae(tmp_path / "b")
+    with pytest.raises(ComaeError, match="config.json is missing"):
+        load_comae(tmp_path / "nothing")
+
+
+# ----------------------------------------------------------------------------- DDP
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), COP_NO_PROGRESS="1")
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        _fit(Path(out), cfg=train_cfg(steps=4, ckpt_every=4))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one(tmp_path: Path) -> None:
+    ref, _ = _fit(tmp_path / "one", cfg=train_cfg(steps=4, ckpt_every=4))
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "two")), nprocs=2, join=True)
+    two, _ = load_comae(tmp_path / "two")
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(two.state_dict()[k], v, atol=1e-5, rtol=1e-5, msg=k)
