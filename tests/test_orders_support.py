@@ -1,0 +1,54 @@
+"""Shared fixtures for the collapse-order tests: a real tiny latent store and a tiny model.
+
+No tests live here; ``test_orders_*.py`` import these helpers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+
+from pipeline.config import ComaeConfig
+from pipeline.latents.store import LatentStore, create_store
+from pipeline.models.comae import CoMAE
+
+TOKENIZER = {"kind": "patch", "config": {"patch_size": 8, "dim": 4}, "sha256": "a" * 64}
+
+
+def make_store(path: Path, n: int = 10, grid: int = 4, dim: int = 4, classes: int = 3,
+               seed: int = 0, tokenizer: dict | None = None) -> LatentStore:
+    """A complete latent store with random moments (flip = the mirrored grid, as real ones)."""
+    rng = np.random.default_rng(seed)
+    keys = [f"c{i % classes}/img_{i:04d}" for i in range(n)]
+    order = np.argsort(keys, kind="stable")
+    keys = [keys[i] for i in order]
+    labels = [int(k[1]) for k in keys]
+    create_store(path, keys=keys, labels=labels, grid=grid, dim=dim, rows_per_chunk=4,
+                 rows_per_shard=8, compression_level=1, fingerprint=f"test-{seed}",
+                 attrs={"tokenizer": tokenizer or TOKENIZER, "crop_size": grid * 8,
+                        "scale_factor": 0.5, "classes": [f"c{c}" for c in range(classes)],
+                        "source": {"kind": "test", "seed": seed}})
+    root = zarr.open_group(str(path), mode="r+")
+    mom = rng.standard_normal((n, 2, 2 * dim, grid, grid)).astype(np.float32)
+    mom[:, 1] = mom[:, 0, :, :, ::-1]  # the flipped image's latents are the mirrored grid
+    root["moments"][:] = mom
+    root.attrs["complete"] = True
+    return LatentStore(path)
+
+
+def tiny_comae(grid: int = 4, dim: int = 4, seed: int = 0) -> CoMAE:
+    """A randomly initialised, small real CoMAE (the export's model in every test)."""
+    torch.manual_seed(seed)
+    cfg = ComaeConfig(enc_dim=16, enc_depth=1, enc_heads=2, dec_dim=16, dec_depth=1, dec_heads=2,
+                      head_layers=1)
+    return CoMAE(cfg, grid, dim).eval()
+
+
+def tiny_model_matrices() -> torch.Tensor:
+    """Dependency matrices as the export computes them (bf16 autocast, float32 out)."""
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randn(3, 16, 4, generator=g)
+    return tiny_comae().dependency_matrices(tokens, dtype=torch.bfloat16)
