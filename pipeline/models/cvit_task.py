@@ -1,0 +1,409 @@
+"""CViT training and evaluation (paper Sec. 3.4, 4.4, Tab. 5, Fig. 8): data, drop policies, task.
+
+Variants (Tab. 5). Three models are trained, four rows are tested:
+
+    row     trained model   dropped at test
+    ViT     vit  (full images in training)      random patches
+    ViT+C   vit  (the same weights)             lowest-ranked patches (collapse order)
+    RViT    rvit (random drops in training)     random patches
+    CViT    cvit (collapse drops in training)   lowest-ranked patches
+
+Dropping keeps the *first* k patches of an order: for collapse drops the collapse order
+(rank 0 = the most relied-upon patch first), for random drops a random permutation, so in
+both cases the kept set at a higher mask ratio is a subset of the one at a lower ratio.
+``k = max(1, N − round(ratio · N))``: at 78% of 256 patches, 56 are kept; at 99%, 3.
+
+Training mask ratio. The paper masks "0 ∼ 99% low-rank patches with a cosine annealing
+schedule favoring lower mask rates". Here every step draws u ~ U(0, 1) and uses
+
+    ratio = max_ratio · (1 − cos(π/2 · u))
+
+which sweeps [0, max_ratio] with density largest near 0: P(ratio < max/2) = 2/3, mean
+0.36·max_ratio. One ratio per step for the whole (global) batch, so every image keeps the
+same number of patches and the batch stays a dense [B, 1 + k, D] tensor -- no padding, no
+attention masks, and the step's compute falls with k. The variants differ only in *which*
+patches are kept. The ViT variant trains on full images (ratio 0).
+
+Randomness (ratio, flips, random drops) comes from the trainer's ``StepContext``: the ratio
+from its per-step generator (the same number on every rank), flips and random orders drawn
+for the whole global batch, so 1 and N processes train on identical inputs. A flipped image
+uses the order of the flipped image (the shard set's ``flip_order``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from pipeline.models.vit import VisionTransformer, VitArch, vit_forward_flops
+from pipeline.train.trainer import StepContext, TrainTask
+from pipeline.utils.io import sha256_json
+
+VARIANTS = ("vit", "rvit", "cvit")
+TRAIN_DROP = {"vit": "none", "rvit": "random", "cvit": "collapse"}
+# Tab. 5 row -> (trained variant, drop at test)
+ROWS: dict[str, tuple[str, str]] = {
+    "ViT": ("vit", "random"),
+    "ViT+C": ("vit", "collapse"),
+    "RViT": ("rvit", "random"),
+    "CViT": ("cvit", "collapse"),
+}
+TASK_KIND = "cvit"
+
+
+class OrdersMismatchError(ValueError):
+    """Orders that do not belong to these images / this model (keys, grid, tokenizer)."""
+
+
+# ----------------------------------------------------------------------------- drops
+
+
+def num_keep(ratio: float, num_patches: int) -> int:
+    """Patches kept at a mask ratio: N − round(ratio·N) (half up), at least one."""
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"mask ratio must lie in [0, 1), got {ratio}")
+    return max(1, num_patches - math.floor(ratio * num_patches + 0.5))
+
+
+def cosine_mask_ratio(u: float | Tensor, max_ratio: float) -> float | Tensor:
+    """u ~ U(0, 1) -> max_ratio · (1 − cos(π/2 · u)): low ratios are the most likely."""
+    if isinstance(u, Tensor):
+        return max_ratio * (1.0 - torch.cos(u * (math.pi / 2)))
+    return max_ratio * (1.0 - math.cos(u * math.pi / 2))
+
+
+def keep_first(orders: Tensor, k: int) -> Tensor | None:
+    """[B, N] orders -> [B, k] patches to keep, or None for "all" (the plain forward)."""
+    return None if k >= orders.shape[1] else orders[:, :k]
+
+
+def random_order(index: int, num_patches: int, seed: int) -> Tensor:
+    """The test-time random drop order of one image: a permutation seeded by (seed, index),
+    so every model and every batch size sees the same random drops."""
+    g = torch.Generator().manual_seed((seed * 1_000_003 + index * 7_919 + 1) % (2**63 - 1))
+    return torch.randperm(num_patches, generator=g)
+
+
+def images_to_input(images: Tensor) -> Tensor:
+    """uint8 [B, H, W, 3] -> float32 [B, 3, H, W] in [-1, 1] (MAR/ADM scaling; the in21k
+    ViT-B/16 was trained with mean = std = 0.5, i.e. the same range)."""
+    return images.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def orders_tokenizer_fingerprint(orders: Any) -> str:
+    """Hash of the tokenizer identity the orders were computed with (manifest identity)."""
+    return sha256_json(orders.tokenizer_identity)
+
+
+def check_orders_match_images(images: Any, orders: Any) -> np.ndarray:
+    """Refuse orders that do not belong to ``images``; return the order row of each image.
+
+    - every image key must have an order (the error counts and names the missing ones);
+    - a key's class label must be the same in both (else the orders are of another data set);
+    - the orders' latents must have been made from crops of the images' size, whose side the
+      latent grid divides: then patch n of the ViT is token n of the orders' grid;
+    - the image set the orders' latents came from should be this one (a warning only: a
+      re-prepared or fetched copy of the same images is legitimate).
+    """
+    index = {k: i for i, k in enumerate(orders.keys)}
+    missing = [k for k in images.keys if k not in index]
+    if missing:
+        raise OrdersMismatchError(
+            f"{len(missing)} of {len(images.keys)} images in {images.path} have no collapse order "
+            f"in {orders.path} (first: {', '.join(repr(k) for k in missing[:3])}); re-export "
+            "orders for this image set")
+    rows = np.fromiter((index[k] for k in images.keys), dtype=np.int64, count=len(images.keys))
+    bad = np.nonzero(np.asarray(orders.labels)[rows] != np.asarray(images.labels))[0]
+    if len(bad):
+        k = images.keys[int(bad[0])]
+        raise OrdersMismatchError(
+            f"{len(bad)} images carry another label in {orders.path} than in {images.path} "
+            f"(first: {k!r}); the orders belong to another data set")
+    latents = orders.manifest.get("identity", {}).get("latents") or {}
+    tok = orders.tokenizer_identity or {}
+    crop = latents.get("crop_size")
+    if crop is not None and int(crop) != images.crop_size:
+        raise OrdersMismatchError(
+            f"orders in {orders.path} were computed on {crop}px crops (tokenizer "
+            f"{tok.get('kind')!r}, {orders.grid}x{orders.grid} grid), but the images in "
+            f"{images.path} are {images.crop_size}px: re-export orders from latents of these images")
+    if images.crop_size % orders.grid:
+        raise OrdersMismatchError(
+            f"the {orders.grid}x{orders.grid} grid of the orders in {orders.path} does not divide "
+            f"the {images.crop_size}px images: ViT patches could not align with the latent tokens")
+    source = latents.get("source") or {}
+    mine = getattr(images, "identity", {}) or {}
+    if source.get("fingerprint") and mine.get("fingerprint") \
+            and source["fingerprint"] != mine["fingerprint"]:
+        warnings.warn(f"orders in {orders.path} were computed from another preparation of the "
+                      f"images than {images.path} (fingerprints differ); keys and labels match",
+                      stacklevel=2)
+    return rows
+
+
+class CvitImageDataset(Dataset):
+    """Prepared images joined with their collapse orders by key; deterministic per index.
+
+    item -> ``image`` uint8 [H, W, 3], ``label``, ``index`` and, with orders, ``order`` and
+    ``order_flip`` (int64 [N], rank 0 first); with ``random_seed``, ``random_order`` (int64
+    [N], the seeded test-time random drop order). Augmentation (flip) happens in the task.
+    """
+
+    def __init__(self, images: Any, orders: Any | None = None, *, check_orders: Any | None = None,
+                 random_seed: int | None = None) -> None:
+        self.images = images
+        self.orders = orders
+        ref = orders if orders is not None else check_orders
+        self._rows = check_orders_match_images(images, ref) if ref is not None else None
+        if orders is not None and "flip_order" not in orders.fields:
+            raise OrdersMismatchError(f"{orders.path} holds no flipped orders (flip_order); "
+                                      "training flips images and needs them")
+        self.num_patches = int(ref.num_tokens) if ref is not None else None
+        self.random_seed = random_seed
+        if random_seed is not None and self.num_patches is None:
+            raise ValueError("random test-time orders need the grid: pass orders")
+        self._order = self._order_flip = None
+        if orders is not None:
+            self._order, self._order_flip = self._preload(orders, self._rows)
+
+    @staticmethod
+    def _preload(orders: Any, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Every image's order and flipped order in memory (``CollapseOrders.order_table``)."""
+        return orders.order_table()[rows], orders.order_table(flip=True)[rows]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item: dict[str, Any] = {
+            # PIL hands out read-only arrays; torch wants its own writable copy
+            "image": torch.from_numpy(self.images.image(i).copy()),  # uint8 [H, W, 3]
+            "label": int(self.images.labels[i]),
+            "index": int(i),
+        }
+        if self._order is not None:
+            item["order"] = torch.from_numpy(self._order[i].astype(np.int64))  # [N]
+            item["order_flip"] = torch.from_numpy(self._order_flip[i].astype(np.int64))
+        if self.random_seed is not None:
+            item["random_order"] = random_order(i, self.num_patches, self.random_seed)
+        return item
+
+
+# ----------------------------------------------------------------------------- training
+
+
+class CvitTask(TrainTask):
+    """Cross-entropy on images with a step-wise mask ratio and the variant's drop policy."""
+
+    def __init__(self, model: VisionTransformer, variant: str, max_mask_ratio: float,
+                 orders_tokenizer: str, extra_config: dict[str, Any] | None = None) -> None:
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown CViT variant {variant!r} (choose from {', '.join(VARIANTS)})")
+        self.model = model
+        self.variant = variant
+        self.drop = TRAIN_DROP[variant]
+        self.max_mask_ratio = max_mask_ratio
+        self.orders_tokenizer = orders_tokenizer
+        self.extra_config = dict(extra_config or {})
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "kind": TASK_KIND, "variant": self.variant, "drop": self.drop,
+            "arch": self.model.arch.to_dict(),
+            "mask_schedule": "cosine", "max_mask_ratio": self.max_mask_ratio,
+            "orders_tokenizer": self.orders_tokenizer, **self.extra_config,
+        }
+
+    def draw_ratio(self, ctx: StepContext) -> float:
+        """This step's mask ratio: one draw from the step's generator, identical on every rank
+        (drawn first, before any per-row draw, so its place in the stream is fixed)."""
+        if self.drop == "none":
+            return 0.0
+        u = float(torch.rand((), generator=ctx.generator))
+        return float(cosine_mask_ratio(u, self.max_mask_ratio))
+
+    def loss(self, model: nn.Module, batch: dict[str, Tensor], ctx: StepContext
+             ) -> tuple[Tensor, dict[str, Any]]:
+        ratio = self.draw_ratio(ctx)
+        x = images_to_input(batch["image"])  # [b, 3, H, W]
+        labels = batch["label"]
+        N = self.model.num_patches
+        flip = ctx.rand() < 0.5  # [b]; a horizontal flip per image
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        k = num_keep(ratio, N)
+        keep: Tensor | None = None
+        if self.drop == "collapse":
+            order = torch.where(flip[:, None], batch["order_flip"], batch["order"])  # [b, N]
+            keep = keep_first(order, k)
+        elif self.drop == "random":
+            keep = keep_first(ctx.randperm(N), k)
+        logits = model(x, keep)  # [b, C]
+        loss = F.cross_entropy(logits.float(), labels)
+        acc = (logits.argmax(dim=1) == labels).float().mean()
+        return loss, {"acc": acc.detach(), "mask_ratio": ratio, "kept": float(k)}
+
+
+# ----------------------------------------------------------------------------- saved models
+
+
+def load_cvit(directory: str | Path, prefer_ema: bool = True) -> tuple[VisionTransformer, dict[str, Any]]:
+    """A trained variant from ``data/cvit/<variant>`` (the trainer's ``config.json`` + weights).
+
+    The EMA weights are used when the run kept them (the paper evaluates its EMA model).
+    """
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    cfg_path = directory / "config.json"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{cfg_path} not found: train it first (`cop train-cvit`)")
+    meta = json.loads(cfg_path.read_text())
+    task = meta.get("task", {})
+    if task.get("kind") != TASK_KIND or "arch" not in task:
+        raise ValueError(f"{directory} does not hold a CViT model (task kind {task.get('kind')!r})")
+    model = VisionTransformer(VitArch.from_dict(task["arch"]))
+    ema = directory / "model_ema.safetensors"
+    weights = ema if prefer_ema and ema.exists() else directory / "model.safetensors"
+    model.load_state_dict(load_file(str(weights)))
+    meta["weights"] = weights.name
+    return model.eval(), meta
+
+
+def check_model_fits(name: str, model: VisionTransformer, meta: dict[str, Any], orders: Any,
+                     images: Any) -> None:
+    """A trained variant must match the evaluation data: patch grid, image size, classes and
+    the tokenizer its training orders came from."""
+    arch = model.arch
+    if arch.grid != orders.grid:
+        raise OrdersMismatchError(
+            f"model {name!r} has a {arch.grid}x{arch.grid} patch grid ({arch.img_size}px / "
+            f"{arch.patch_size}px patches), the orders in {orders.path} a "
+            f"{orders.grid}x{orders.grid} grid: retrain it on these orders")
+    if arch.img_size != images.crop_size:
+        raise OrdersMismatchError(f"model {name!r} takes {arch.img_size}px images, "
+                                  f"{images.path} holds {images.crop_size}px crops")
+    if arch.num_classes != len(images.classes):
+        raise OrdersMismatchError(f"model {name!r} has {arch.num_classes} classes, "
+                                  f"{images.path} {len(images.classes)}")
+    trained_on = meta.get("task", {}).get("orders_tokenizer")
+    here = orders_tokenizer_fingerprint(orders)
+    if trained_on != here:
+        tok = orders.tokenizer_identity or {}
+        raise OrdersMismatchError(
+            f"model {name!r} was trained with collapse orders of tokenizer identity "
+            f"{str(trained_on)[:12]}, the orders in {orders.path} come from tokenizer "
+            f"{tok.get('kind')!r} (identity {here[:12]}): evaluate with orders of the same tokenizer")
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.inference_mode()
+def evaluate_rows(models: dict[str, VisionTransformer], loader: Iterable[dict[str, Tensor]],
+                  ratios: list[float], device: torch.device, amp_dtype: torch.dtype = torch.float32,
+                  rows: dict[str, tuple[str, str]] = ROWS, progress: Any = None,
+                  ) -> dict[str, dict[str, list[float]]]:
+    """Top-1/top-5 (%) of every Tab. 5 row at every mask ratio, in one pass over the data.
+
+    Each batch is decoded once and run through every (model, drop, ratio).
+    Returns {row: {"top1": [per ratio], "top5": [per ratio]}}.
+    """
+    from pipeline.metrics.curves import topk_correct
+    from pipeline.utils.device import autocast
+
+    hits = {r: np.zeros((2, len(ratios)), np.int64) for r in rows}
+    seen = 0
+    for batch in loader:
+        x = images_to_input(batch["image"]).to(device)
+        labels = batch["label"].to(device)
+        drops = {"collapse": batch["order"].to(device), "random": batch["random_order"].to(device)}
+        seen += len(labels)
+        for j, ratio in enumerate(ratios):
+            for row, (variant, drop) in rows.items():
+                model = models[variant]
+                k = num_keep(ratio, model.num_patches)
+                with autocast(device, amp_dtype):
+                    logits = model(x, keep_first(drops[drop], k))
+                c = topk_correct(logits.float(), labels, ks=(1, 5))
+                hits[row][0, j] += c[1]
+                hits[row][1, j] += c[5]
+        if progress is not None:
+            progress.update(len(labels))
+    if seen == 0:
+        raise ValueError("the evaluation set is empty")
+    return {row: {"top1": (100.0 * h[0] / seen).tolist(), "top5": (100.0 * h[1] / seen).tolist()}
+            for row, h in hits.items()}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def measure_cost(model: VisionTransformer, images: Tensor, orders: Tensor, ratios: list[float],
+                 repeats: int = 5, amp_dtype: torch.dtype = torch.float32,
+                 ) -> dict[float, dict[str, float]]:
+    """Per mask ratio: analytic FLOP ratio and measured wall-time ratio against the full sequence.
+
+    ``images`` [B, 3, H, W] on the model's device, ``orders`` [B, N]. Wall times are medians
+    over ``repeats`` rounds; each round times every ratio once, interleaved, so drifting
+    machine load (a shared CPU) hits all ratios alike.
+    """
+    from pipeline.utils.device import autocast
+
+    device = images.device
+    N = model.num_patches
+    ks = sorted({num_keep(r, N) for r in ratios} | {N})
+
+    def run(k: int) -> float:
+        keep = keep_first(orders, k)
+        _sync(device)
+        t0 = time.perf_counter()
+        with autocast(device, amp_dtype):
+            model(images, keep)
+        _sync(device)
+        return time.perf_counter() - t0
+
+    for k in ks:  # warm-up: allocator, kernels, caches
+        run(k)
+    times: dict[int, list[float]] = {k: [] for k in ks}
+    for _ in range(repeats):
+        for k in ks:
+            times[k].append(run(k))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    full_flops = vit_forward_flops(model.arch, N)
+    out = {}
+    for r in ratios:
+        k = num_keep(r, N)
+        out[r] = {"kept": k, "flop_ratio": vit_forward_flops(model.arch, k) / full_flops,
+                  "time_ratio": med[k] / med[N], "time_s": med[k]}
+    return out
+
+
+def ratio_label(ratio: float) -> str:
+    """0.78 -> "78": metric names like Tab. 5's T1@78% (no dots: DVC flattens keys on dots)."""
+    pct = round(ratio * 100, 6)
+    return str(int(pct)) if pct == int(pct) else str(pct).replace(".", "_")
+
+
+__all__ = [
+    "CvitImageDataset", "CvitTask", "OrdersMismatchError", "ROWS", "TRAIN_DROP", "VARIANTS",
+    "check_model_fits", "check_orders_match_images", "cosine_mask_ratio", "evaluate_rows",
+    "images_to_input", "keep_first", "load_cvit", "measure_cost", "num_keep",
+    "orders_tokenizer_fingerprint", "random_order", "ratio_label",
+]

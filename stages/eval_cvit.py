@@ -1,0 +1,160 @@
+"""Stage ``eval_cvit``: Tab. 5 and Fig. 8 on the ``val`` split.
+
+For every row of Tab. 5 (ViT, ViT+C, RViT, CViT; see ``pipeline.models.cvit_task``) and every
+mask ratio of ``cvit.eval_ratios``: top-1 / top-5 (%). Per row, AuC (mean top-1 over the
+ratio span, trapezoids) and the Kneedle knee of the top-1 curve. Per ratio, the FLOP ratio
+and the measured wall-time ratio of a forward pass with that many patches dropped against the
+full sequence (the CViT model, one evaluation batch).
+
+Random test-time drops are seeded by (``seed``, image index): ViT and RViT see the same ones.
+
+Writes ``data/metrics/cvit.json`` (one block per row with the Tab. 5 columns, plus ``cost``),
+``data/plots/cvit_accuracy.csv`` (mask_ratio, ViT, ViT+C, RViT, CViT: top-1 %) and
+``data/plots/cvit_fig8.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from pipeline.config import Params
+from pipeline.data.imageset import ImageSet
+from pipeline.metrics.curves import auc, kneedle
+from pipeline.models.cvit_task import (
+    ROWS, VARIANTS, CvitImageDataset, check_model_fits, evaluate_rows, images_to_input,
+    load_cvit, measure_cost, ratio_label,
+)
+from pipeline.orders.shards import CollapseOrders
+from pipeline.utils.device import pick_device
+from pipeline.utils.io import atomic_path, atomic_write_json, atomic_write_text
+from pipeline.utils.progress import progress
+
+TABLE_RATIOS = (0.0, 0.3, 0.5, 0.78)  # the Tab. 5 columns
+
+
+def table(curves: dict[str, dict[str, list[float]]], ratios: list[float]) -> dict[str, dict[str, Any]]:
+    """Per row: top1@r / top5@r for the Tab. 5 ratios, AuC and knee of the top-1 curve."""
+    out: dict[str, dict[str, Any]] = {}
+    for row, c in curves.items():
+        entry: dict[str, Any] = {}
+        for r in TABLE_RATIOS:
+            j = ratios.index(r)
+            entry[f"top1@{ratio_label(r)}"] = round(c["top1"][j], 4)
+            entry[f"top5@{ratio_label(r)}"] = round(c["top5"][j], 4)
+        entry["AuC"] = round(auc(ratios, c["top1"]), 4)
+        entry["knee"] = kneedle(ratios, c["top1"])
+        out[row] = entry
+    return out
+
+
+def accuracy_csv(curves: dict[str, dict[str, list[float]]], ratios: list[float]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["mask_ratio", *ROWS])
+    order = sorted(range(len(ratios)), key=lambda j: ratios[j])
+    for j in order:
+        w.writerow([ratios[j], *(f"{curves[row]['top1'][j]:.4f}" for row in ROWS)])
+    return buf.getvalue()
+
+
+def plot_fig8(path: Path, curves: dict[str, dict[str, list[float]]], ratios: list[float],
+              rows: dict[str, dict[str, Any]], title: str) -> None:
+    """Fig. 8: top-1 vs mask ratio, one line per row, knees marked, 78% shaded as in the paper."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = sorted(range(len(ratios)), key=lambda j: ratios[j])
+    xs = [ratios[j] for j in order]
+    fig, ax = plt.subplots(figsize=(5.2, 3.8), dpi=150)
+    ax.axvspan(0.78, 1.0, color="0.92", zorder=0)
+    ax.text(0.79, 0.03, ">78% masked", transform=ax.get_xaxis_transform(), fontsize=8, color="0.35")
+    for row in ROWS:
+        ys = [curves[row]["top1"][j] for j in order]
+        (line,) = ax.plot(xs, ys, marker="o", markersize=3, label=row)
+        knee = rows[row]["knee"]
+        if knee is not None:
+            ax.plot([knee], [curves[row]["top1"][ratios.index(knee)]], marker="x", markersize=8,
+                    color=line.get_color())
+    ax.set_xlabel("mask ratio")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(bottom=0)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
+    data_dir = Path(data_dir)
+    cfg = params.cvit
+    ratios = [float(r) for r in cfg.eval_ratios]
+    if len(set(ratios)) != len(ratios):
+        raise ValueError(f"cvit.eval_ratios has duplicates: {ratios}")
+    device = pick_device()
+    # bf16 on a GPU; fp32 on CPU, where it is the exact (and on this CPU, the faster) path
+    amp_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    images = ImageSet(data_dir / "images" / "val")
+    orders = CollapseOrders(data_dir / "orders" / "val")
+    dataset = CvitImageDataset(images, orders, random_seed=params.seed)
+    models, metas = {}, {}
+    for v in VARIANTS:
+        model, meta = load_cvit(data_dir / "cvit" / v)
+        check_model_fits(v, model, meta, orders, images)
+        models[v], metas[v] = model.to(device), meta
+
+    loader = DataLoader(dataset, batch_size=cfg.eval_batch_size, shuffle=False,
+                        num_workers=cfg.train.num_workers)
+    bar = progress(total=len(dataset), desc="eval_cvit", unit="img")
+    curves = evaluate_rows(models, loader, ratios, device, amp_dtype, progress=bar)
+    bar.close()
+    rows = table(curves, ratios)
+
+    # Cost: the CViT model on one evaluation batch (all variants share the architecture).
+    first = next(iter(DataLoader(dataset, batch_size=min(cfg.eval_batch_size, len(dataset)))))
+    x = images_to_input(first["image"]).to(device)
+    cost = measure_cost(models["cvit"], x, first["order"].to(device), ratios, amp_dtype=amp_dtype)
+    cost_metrics: dict[str, Any] = {"batch": int(x.shape[0]), "num_patches": models["cvit"].num_patches}
+    for r in ratios:
+        lab = ratio_label(r)
+        cost_metrics[f"kept@{lab}"] = cost[r]["kept"]
+        cost_metrics[f"flop_ratio@{lab}"] = round(cost[r]["flop_ratio"], 5)
+        cost_metrics[f"time_ratio@{lab}"] = round(cost[r]["time_ratio"], 5)
+
+    arch = models["cvit"].arch
+    metrics = {**rows, "cost": cost_metrics,
+               "eval": {"images": len(dataset), "grid": arch.grid, "patch_size": arch.patch_size,
+                        "img_size": arch.img_size, "weights": {v: metas[v]["weights"] for v in VARIANTS}}}
+    metrics_path = data_dir / "metrics" / "cvit.json"
+    atomic_write_json(metrics_path, metrics)
+    atomic_write_text(data_dir / "plots" / "cvit_accuracy.csv", accuracy_csv(curves, ratios))
+    plot_fig8(data_dir / "plots" / "cvit_fig8.png", curves, ratios, rows,
+              f"{len(dataset)} val images, ViT {arch.dim}x{arch.depth}, "
+              f"{arch.grid}x{arch.grid} patches of {arch.patch_size}px")
+
+    r78 = ratio_label(0.78)
+    print("[cvit] top-1 @0 / @78 / AuC / knee:", flush=True)
+    for row, e in rows.items():
+        print(f"  {row:6s} {e['top1@0']:6.2f} / {e[f'top1@{r78}']:6.2f} / {e['AuC']:6.2f} / "
+              f"{e['knee']}", flush=True)
+    print(f"  forward at 78% dropped: {cost_metrics[f'flop_ratio@{r78}']:.3f} of the FLOPs, "
+          f"{cost_metrics[f'time_ratio@{r78}']:.3f} of the time", flush=True)
+    return metrics
+
+
+if __name__ == "__main__":
+    from pipeline.cli import stage_entry
+
+    stage_entry("eval-cvit")

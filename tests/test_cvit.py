@@ -1,0 +1,218 @@
+"""CViT: drop policies, the mask-ratio schedule, the task, bad inputs and the two stages."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import parse_params
+from pipeline.data.imageset import ImageSet
+from pipeline.models.cvit_task import (
+    CvitImageDataset, CvitTask, OrdersMismatchError, check_model_fits, cosine_mask_ratio,
+    images_to_input, load_cvit, num_keep, orders_tokenizer_fingerprint, random_order,
+)
+from pipeline.models.vit import VisionTransformer, VitArch
+from pipeline.orders.shards import CollapseOrders
+from pipeline.train.trainer import StepContext
+from tests.test_cvit_support import TOKENIZER, make_data_dir, make_imageset, make_orders
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_data_dir(tmp_path_factory.mktemp("cvit"))
+
+
+def test_num_keep_and_the_cosine_ratio_schedule() -> None:
+    assert num_keep(0.78, 256) == 56 and num_keep(0.99, 256) == 3 and num_keep(0.0, 256) == 256
+    assert num_keep(0.78, 64) == 14 and num_keep(0.99, 64) == 1 and num_keep(0.5, 16) == 8
+    with pytest.raises(ValueError):
+        num_keep(1.0, 16)
+    assert cosine_mask_ratio(0.0, 0.99) == 0.0
+    assert cosine_mask_ratio(1.0, 0.99) == pytest.approx(0.99)
+    r = cosine_mask_ratio(torch.rand(200_000, generator=torch.Generator().manual_seed(0)), 0.99)
+    assert float(r.min()) >= 0 and float(r.max()) <= 0.99
+    # favours low ratios: P(r < max/2) = P(u < 2/3) = 2/3, mean = max (1 - 2/pi)
+    assert float((r < 0.495).float().mean()) == pytest.approx(2 / 3, abs=0.01)
+    assert float(r.mean()) == pytest.approx(0.99 * (1 - 2 / math.pi), abs=0.005)
+
+
+def test_dataset_joins_images_and_orders_by_key(data: Path) -> None:
+    images = ImageSet(data / "images" / "train")
+    orders = CollapseOrders(data / "orders" / "train")
+    ds = CvitImageDataset(images, orders, random_seed=3)
+    item = ds[5]
+    key = images.keys[5]
+    assert item["image"].dtype == torch.uint8 and item["image"].shape == (32, 32, 3)
+    assert item["label"] == int(images.labels[5])
+    assert torch.equal(item["order"], torch.from_numpy(orders.order(key)))
+    assert torch.equal(item["order_flip"], torch.from_numpy(orders.order(key, flip=True)))
+    assert torch.equal(ds[5]["random_order"], item["random_order"])  # seeded per index
+    assert torch.equal(item["random_order"], random_order(5, 16, 3))
+    assert not torch.equal(random_order(5, 16, 3), random_order(6, 16, 3))
+    assert sorted(item["random_order"].tolist()) == list(range(16))
+
+
+def test_orders_missing_for_some_images_are_named(data: Path, tmp_path: Path) -> None:
+    images = ImageSet(data / "images" / "train")
+    partial = make_orders(tmp_path / "partial", images, 4, "val", tmp_path, keep_keys=20)
+    with pytest.raises(OrdersMismatchError, match=r"4 of 24 images .* no collapse order.*'c2/img_004'"):
+        CvitImageDataset(images, partial)
+    with pytest.raises(OrdersMismatchError, match="no collapse order"):
+        CvitImageDataset(images, None, check_orders=partial)  # the ViT variant checks them too
+
+
+def test_orders_of_other_crops_or_grids_are_refused(data: Path, tmp_path: Path) -> None:
+    images = ImageSet(data / "images" / "train")
+    other = make_orders(tmp_path / "other", images, 4, "val", tmp_path, crop_size=256)
+    with pytest.raises(OrdersMismatchError, match="256px crops.*'patch'.*32px"):
+        CvitImageDataset(images, other)
+    big = make_imageset(tmp_path / "img30", "val", per_class=2, size=30)
+    odd = make_orders(tmp_path / "odd", big, 3, "val", tmp_path)  # 30 px / 3 = 10 px: fine
+    assert CvitImageDataset(big, odd).num_patches == 9
+    with pytest.raises(OrdersMismatchError, match="does not divide the 32px"):
+        bad = make_orders(tmp_path / "bad", images, 4, "val", tmp_path)
+        bad.grid = 5  # orders for a 5x5 grid over 32 px images
+        bad.manifest["identity"]["latents"].pop("crop_size")
+        CvitImageDataset(images, bad)
+
+
+def test_a_trained_model_must_match_grid_and_tokenizer(data: Path, tmp_path: Path) -> None:
+    images = ImageSet(data / "images" / "val")
+    orders = CollapseOrders(data / "orders" / "val")
+    fp = orders_tokenizer_fingerprint(orders)
+    meta = {"task": {"orders_tokenizer": fp}}
+    ok = VisionTransformer(VitArch.for_grid(32, 4, 3, dim=16, depth=1, heads=2))
+    check_model_fits("cvit", ok, meta, orders, images)
+    coarse = VisionTransformer(VitArch.for_grid(32, 2, 3, dim=16, depth=1, heads=2))
+    with pytest.raises(OrdersMismatchError, match="2x2 patch grid.*16px patches.*4x4 grid"):
+        check_model_fits("cvit", coarse, meta, orders, images)
+    kl16 = dict(TOKENIZER, kind="kl16", sha256="d" * 64)
+    other = make_orders(tmp_path / "kl16", images, 4, "val", tmp_path, tokenizer=kl16)
+    with pytest.raises(OrdersMismatchError, match="tokenizer 'kl16'"):
+        check_model_fits("cvit", ok, meta, other, images)
+
+
+def capture_keeps(task: CvitTask, batch: dict, step: int) -> tuple[torch.Tensor, list]:
+    calls: list = []
+    model = task.model
+
+    def spy(x, keep=None):
+        calls.append((x.detach().clone(), None if keep is None else keep.clone()))
+        return VisionTransformer.forward(model, x, keep)
+
+    ctx = StepContext(step, torch.arange(len(batch["label"])), len(batch["label"]),
+                      torch.device("cpu"), seed=7, dtype=torch.float32)
+    loss, metrics = task.loss(spy, batch, ctx)
+    assert torch.isfinite(loss)
+    return metrics, calls
+
+
+@pytest.mark.parametrize("variant", ["vit", "rvit", "cvit"])
+def test_task_drops_the_variants_patches_with_flipped_orders(data: Path, variant: str) -> None:
+    images = ImageSet(data / "images" / "train")
+    orders = CollapseOrders(data / "orders" / "train")
+    ds = CvitImageDataset(images, orders)
+    batch = torch.utils.data.default_collate([ds[i] for i in range(12)])
+    model = VisionTransformer(VitArch.for_grid(32, 4, 3, dim=16, depth=1, heads=2))
+    task = CvitTask(model, variant, 0.99, orders_tokenizer_fingerprint(orders))
+    assert task.config()["arch"]["patch_size"] == 8 and task.config()["drop"] == {
+        "vit": "none", "rvit": "random", "cvit": "collapse"}[variant]
+    plain = images_to_input(batch["image"])
+    ratios, flipped_rows = [], 0
+    for step in range(6):
+        metrics, [(x, keep)] = capture_keeps(task, batch, step)
+        ratios.append(metrics["mask_ratio"])
+        k = num_keep(metrics["mask_ratio"], 16)
+        flip = torch.tensor([torch.equal(x[b], plain[b].flip(-1)) and not torch.equal(x[b], plain[b])
+                             for b in range(12)])
+        flipped_rows += int(flip.sum())
+        if variant == "vit" or k == 16:
+            assert keep is None
+            continue
+        assert keep.shape == (12, k)
+        if variant == "cvit":  # the first k of the order of the image as seen (flipped or not)
+            want = torch.where(flip[:, None], batch["order_flip"], batch["order"])[:, :k]
+            assert torch.equal(keep, want)
+        else:
+            assert not torch.equal(keep, batch["order"][:, :k])
+            assert all(len(set(row.tolist())) == k for row in keep)
+    assert 0 < flipped_rows < 6 * 12
+    if variant == "vit":
+        assert ratios == [0.0] * 6
+    else:
+        assert len(set(ratios)) == 6 and all(0 <= r <= 0.99 for r in ratios)
+        # the same step draws the same ratio (resume/DDP determinism)
+        assert capture_keeps(task, batch, 3)[0]["mask_ratio"] == ratios[3]
+
+
+def test_train_and_eval_stages(data: Path, capsys) -> None:
+    from stages import eval_cvit, train_cvit
+
+    params = parse_params({"seed": 0, "cvit": {
+        "dim": 32, "depth": 2, "heads": 2, "eval_batch_size": 8,
+        "eval_ratios": [0.0, 0.3, 0.5, 0.6, 0.78, 0.99],
+        "train": {"steps": 20, "batch_size": 8, "lr": 3e-3, "ckpt_every": 10, "log_every": 10,
+                  "precision": "fp32"}}})
+    for v in ("vit", "rvit", "cvit"):
+        m = train_cvit.run(params, variant=v, data_dir=data)
+        assert m["variant"] == v and m["train_steps"] == 20 and m["grid"] == 4
+        assert (data / "cvit" / v / "model.safetensors").exists()
+        assert json.loads((data / "metrics" / f"cvit_train_{v}.json").read_text())["patch_size"] == 8
+    again = train_cvit.run(params, variant="cvit", data_dir=data)  # finished: resumes at the end
+    assert again["steps_this_run"] == 0
+    with pytest.raises(ValueError, match="unknown CViT variant"):
+        train_cvit.run(params, variant="dvit", data_dir=data)
+
+    metrics = eval_cvit.run(params, data_dir=data)
+    saved = json.loads((data / "metrics" / "cvit.json").read_text())
+    assert saved == json.loads(json.dumps(metrics))
+    for row in ("ViT", "ViT+C", "RViT", "CViT"):
+        e = saved[row]
+        assert set(e) == {"top1@0", "top5@0", "top1@30", "top5@30", "top1@50", "top5@50",
+                          "top1@78", "top5@78", "AuC", "knee"}
+        assert 0 <= e["top1@78"] <= e["top5@78"] == 100.0  # 3 classes: top-5 is trivial
+        assert e["knee"] is None or 0 < e["knee"] < 1
+    # ViT and ViT+C share the weights: identical without drops
+    assert saved["ViT"]["top1@0"] == saved["ViT+C"]["top1@0"]
+    cost = saved["cost"]
+    assert cost["kept@78"] == 4 and cost["flop_ratio@0"] == 1.0
+    assert cost["flop_ratio@78"] < cost["flop_ratio@50"] < 1.0
+    with open(data / "plots" / "cvit_accuracy.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["mask_ratio", "ViT", "ViT+C", "RViT", "CViT"]
+    assert [float(r["mask_ratio"]) for r in rows] == sorted(params.cvit.eval_ratios)
+    assert float(rows[0]["CViT"]) == saved["CViT"]["top1@0"]
+    assert (data / "plots" / "cvit_fig8.png").read_bytes()[:4] == b"\x89PNG"
+
+    model, meta = load_cvit(data / "cvit" / "cvit")
+    assert meta["task"]["variant"] == "cvit" and model.arch.grid == 4
+    assert np.isfinite(model.pos_embed.detach().numpy()).all()
+
+
+def test_stage_starts_from_pretrained_timm_weights(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from pipeline.models.vit import PretrainedMismatchError
+    from stages import train_cvit
+
+    # a "timm" checkpoint of the same width on a 2x2 grid with 10 classes
+    src = VisionTransformer(VitArch.for_grid(32, 2, 10, dim=32, depth=2, heads=2))
+    sd = {k: v.detach().clone() for k, v in src.state_dict().items()}
+    sd["patch_embed.proj.weight"] = torch.randn(32, 3, 8, 8)  # 8 px patches like the target
+    save_file(sd, str(tmp_path / "vit.safetensors"))
+    cvit = {"dim": 32, "depth": 2, "heads": 2, "pretrained": str(tmp_path / "vit.safetensors")}
+    model, info = train_cvit.build_model(parse_params({"cvit": cvit}), 32, 4, 3)
+    assert info["pos_embed_resized"] == (2, 4) and sorted(info["reinitialized"]) == ["head.bias", "head.weight"]
+    assert torch.equal(model.blocks[1].attn.qkv.weight, sd["blocks.1.attn.qkv.weight"])
+    del sd["norm.bias"]
+    save_file(sd, str(tmp_path / "vit.safetensors"))
+    with pytest.raises(PretrainedMismatchError, match="norm.bias"):
+        train_cvit.build_model(parse_params({"cvit": cvit}), 32, 4, 3)
+    _, info = train_cvit.build_model(parse_params({"cvit": {**cvit, "allow_missing_keys": True}}), 32, 4, 3)
+    assert info["missing"] == ["norm.bias"]
