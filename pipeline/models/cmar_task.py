@@ -1,0 +1,195 @@
+"""CMAR: MAR trained and sampled in collapse order (paper Sec. 3.3) -- the trainer task and orders.
+
+Orders. A collapse order lists patches most relied-upon first (rank 0). MAR's ``orders`` array
+keeps ``orders[:, :k]`` masked and reveals its tail first, so:
+- direction "descending" (the paper's CMAR): MAR order = collapse order reversed -> training
+  masks the LOWEST-ranked k patches and predicts them from the higher-ranked; sampling
+  generates rank 0 first;
+- direction "ascending" (Tab. 4's ablation): MAR order = collapse order;
+- ``order: random`` (the MAR baseline): a fresh random permutation per sequence.
+``random_order_share`` replaces that share of collapse-ordered sequences in every batch by
+random orders (paper: 10%). A flipped latent (random horizontal flip, p = 0.5) uses the
+flipped image's order.
+
+Randomness. Everything per sequence (flip, random-order choice, the permutation, label
+dropout, posterior noise, diffusion steps and noise) is drawn through the trainer's
+``StepContext`` for the whole global batch, so 1 and N processes compute the same loss. The
+mask ratio is ONE number per step (the encoder drops the same count in every row, as MAR):
+it is drawn from the global RNG, which the trainer reseeds from (seed, step) identically on
+every rank before each step.
+
+Latents. MAR trains on posterior samples of the VAE (``posterior.sample() * 0.2325``); with
+``cmar.posterior_sample`` (default) the task draws them from the stored moments with the
+step's noise; otherwise it uses the posterior means.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from pipeline.config import CmarConfig
+from pipeline.models.mar import MAR
+from pipeline.train.trainer import StepContext, TrainTask
+
+# CmarConfig keys that only affect sampling/evaluation: changing them must not retrain.
+EVAL_ONLY_KEYS = ("sample_order", "num_iter", "num_sampling_steps", "cfg", "cfg_schedule", "temperature",
+                  "samples_per_class", "inception_weights", "reference_batch", "eval_batch_size",
+                  "eval_reference_images")
+
+
+def to_mar_orders(collapse: Tensor, direction: str) -> Tensor:
+    """Collapse orders [B, N] (rank 0 first) -> MAR orders (masked head, revealed tail)."""
+    if direction == "descending":
+        return collapse.flip(-1)
+    if direction == "ascending":
+        return collapse
+    raise ValueError(f"direction must be 'descending' or 'ascending', got {direction!r}")
+
+
+def train_config(cfg: CmarConfig) -> dict[str, Any]:
+    """The part of the CMAR params that determines training (stored with checkpoints)."""
+    d = cfg.model_dump(mode="json", by_alias=True)
+    d.pop("train", None)
+    for k in EVAL_ONLY_KEYS:
+        d.pop(k, None)
+    return d
+
+
+class CmarDataset(torch.utils.data.Dataset):
+    """Items of ``OrderedTokenDataset`` (tokens, tokens_flip, order, order_flip, label, index)
+    plus the unscaled posterior ``moments``/``moments_flip`` [2·dim, h, w] when asked for."""
+
+    def __init__(self, ordered: Any, with_moments: bool) -> None:
+        self.ordered = ordered
+        self.store = ordered.store
+        self.with_moments = with_moments
+
+    def __len__(self) -> int:
+        return len(self.ordered)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = dict(self.ordered[i])
+        item["order"] = np.asarray(item["order"], dtype=np.int64)
+        item["order_flip"] = np.asarray(item["order_flip"], dtype=np.int64)
+        if self.with_moments:
+            item["moments"] = self.store.moments([i], False)[0]
+            item["moments_flip"] = self.store.moments([i], True)[0]
+        return item
+
+
+class CmarTask(TrainTask):
+    """Trainer task: one MAR diffusion loss per batch with collapse (or random) orders."""
+
+    def __init__(self, model: MAR, cfg: CmarConfig, scale_factor: float,
+                 extra_config: dict[str, Any] | None = None) -> None:
+        self.model = model
+        self.cfg = cfg
+        self.scale_factor = float(scale_factor)
+        self.extra_config = dict(extra_config or {})
+
+    def config(self) -> dict[str, Any]:
+        return {"cmar": train_config(self.cfg), "grid": self.model.grid,
+                "token_dim": self.model.token_embed_dim, "num_classes": self.model.num_classes,
+                **self.extra_config}
+
+    def loss(self, model: nn.Module, batch: dict[str, Tensor], ctx: StepContext) -> tuple[Tensor, dict[str, Any]]:
+        mar: MAR = self.model
+        cfg = self.cfg
+        N, D, mul = mar.seq_len, mar.token_embed_dim, mar.diffusion_batch_mul
+        # One mask count per step, identical on every rank (global RNG reseeded per step).
+        num_masked = mar.num_masked(float(torch.rand(())))
+
+        # Per-sequence draws, always in this order so streams do not depend on the config.
+        flip = ctx.rand() < 0.5                                   # [b]
+        use_random = ctx.rand() < cfg.random_order_share          # [b]
+        random_orders = ctx.randperm(N)                           # [b, N]
+        drop = ctx.rand() < mar.label_drop_prob                   # [b]
+        eps = ctx.randn(D, mar.grid, mar.grid)                    # [b, D, h, w] posterior noise
+        t = ctx.randint(mar.diffloss.train_diffusion.num_timesteps, mul, N)  # [b, mul, N]
+        noise = ctx.randn(mul, N, D)                              # [b, mul, N, D]
+
+        f4 = flip.view(-1, 1, 1, 1)
+        if "moments" in batch:
+            mom = torch.where(f4, batch["moments_flip"], batch["moments"]).float()
+            mean, logvar = mom.chunk(2, dim=1)
+            grid = (mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * eps) * self.scale_factor
+        else:
+            grid = torch.where(f4, batch["tokens_flip"], batch["tokens"]).float()
+        tokens = grid.flatten(2).transpose(1, 2)  # [b, N, D]
+
+        if cfg.order == "random":
+            orders = random_orders
+            random_rows = torch.ones_like(use_random)
+        else:
+            collapse = torch.where(flip.view(-1, 1), batch["order_flip"], batch["order"]).long()
+            orders = torch.where(use_random.view(-1, 1), random_orders, to_mar_orders(collapse, cfg.direction))
+            random_rows = use_random
+        loss = model(tokens, batch["label"].long(), orders, num_masked,
+                     drop_labels=drop, t=t, noise=noise)
+        return loss, {"mask_ratio": num_masked / N, "random_orders": float(random_rows.float().mean())}
+
+
+# ---------------------------------------------------------------------------- sampling orders
+
+
+def sampling_orders(source: str, labels: np.ndarray, seq_len: int, direction: str,
+                    generator: torch.Generator, class_orders: np.ndarray | None = None,
+                    train_labels: np.ndarray | None = None,
+                    train_order: Any = None) -> Tensor:
+    """MAR orders [B, N] to sample ``labels`` with.
+
+    source "class": the class-level collapse order of each label (``class_orders[c]``);
+    "train_image": the collapse order of a training image of that class, drawn with
+    ``generator`` (``train_order(row) -> int64[N]``); "random": a random permutation.
+    Collapse orders are turned into MAR orders in ``direction`` (see :func:`to_mar_orders`).
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    if source == "random":
+        return torch.rand((len(labels), seq_len), generator=generator).argsort(dim=1)
+    if source == "class":
+        if class_orders is None:
+            raise ValueError("sample_order 'class' needs the class-level orders of the train split "
+                             "(class_orders.npy in the orders shard set)")
+        if labels.size and labels.max() >= len(class_orders):
+            raise ValueError(f"class id {int(labels.max())} has no class-level order "
+                             f"({len(class_orders)} classes)")
+        collapse = torch.from_numpy(np.asarray(class_orders, dtype=np.int64)[labels])
+    elif source == "train_image":
+        if train_labels is None or train_order is None:
+            raise ValueError("sample_order 'train_image' needs the training labels and orders")
+        rows = []
+        for c in labels.tolist():
+            members = np.flatnonzero(np.asarray(train_labels) == c)
+            if members.size == 0:
+                raise ValueError(f"no training image of class {c} to take an order from")
+            pick = int(torch.randint(members.size, (1,), generator=generator))
+            rows.append(np.asarray(train_order(int(members[pick])), dtype=np.int64))
+        collapse = torch.from_numpy(np.stack(rows)) if rows else torch.zeros(0, seq_len, dtype=torch.long)
+    else:
+        raise ValueError(f"sample_order must be 'class', 'train_image' or 'random', got {source!r}")
+    if collapse.shape[1] != seq_len:
+        raise ValueError(f"orders are for {collapse.shape[1]} patches, the model has {seq_len}")
+    return to_mar_orders(collapse, direction)
+
+
+@torch.no_grad()
+def generate(model: MAR, labels: np.ndarray, orders: Tensor, num_iter: int, cfg: float,
+             cfg_schedule: str, temperature: float, generator: torch.Generator,
+             batch_size: int) -> Tensor:
+    """Token grids [n, D, h, w] (scaled latents) for ``labels`` [n] sampled in ``orders`` [n, N]."""
+    model.eval()
+    out = []
+    for s in range(0, len(labels), batch_size):
+        lab = torch.as_tensor(np.asarray(labels[s:s + batch_size]), dtype=torch.long)
+        seq = model.sample_tokens(lab, orders[s:s + batch_size], num_iter=num_iter, cfg=cfg,
+                                  cfg_schedule=cfg_schedule, temperature=temperature,
+                                  generator=generator)  # [b, N, D]
+        out.append(seq.transpose(1, 2).reshape(seq.shape[0], -1, model.grid, model.grid).cpu())
+    return torch.cat(out) if out else torch.zeros(0, model.token_embed_dim, model.grid, model.grid)
+
+
+__all__ = ["CmarDataset", "generate", "CmarTask", "EVAL_ONLY_KEYS", "sampling_orders", "to_mar_orders", "train_config"]
