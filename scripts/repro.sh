@@ -3,6 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-export DVC_NO_ANALYTICS=1
-.venv/bin/dvc repro "$@"
-.venv/bin/dvc metrics show
+# dvc.yaml calls `python -m stages.<name>`: that python must be the venv's.
+export PATH="$PWD/.venv/bin:$PATH" DVC_NO_ANALYTICS=1
+dvc repro "$@"
+dvc metrics show

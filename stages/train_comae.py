@@ -38,7 +38,8 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
         task = ComaeTask(model, cfg)
         metrics_path = data_dir / "metrics" / "comae.json"
         trainer = Trainer(task, TokenGridDataset(store), cfg.train, data_dir / "comae",
-                          log_csv=data_dir / "plots" / "comae_train.csv", desc="comae")
+                          log_csv=data_dir / "plots" / "comae_train.csv", desc="comae",
+                          on_config_mismatch="restart")
         final = trainer.fit()
         metrics = {"lambda": cfg.lambda_, "sigma": cfg.sigma,
                    "targets_per_image": cfg.targets_per_image, "params": count_params(model),

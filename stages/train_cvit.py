@@ -73,7 +73,7 @@ def run(params: Params, variant: str = "cvit", data_dir: Path | str = Path("data
         out_dir = data_dir / "cvit" / variant
         metrics_path = data_dir / "metrics" / f"cvit_train_{variant}.json"
         trainer = Trainer(task, dataset, cfg.train, out_dir, log_csv=out_dir / "train_log.csv",
-                          desc=f"cvit[{variant}]")
+                          desc=f"cvit[{variant}]", on_config_mismatch="restart")
         final = trainer.fit()
         metrics = {"variant": variant, "drop": TRAIN_DROP[variant], "params": count_params(model),
                    "grid": model.arch.grid, "patch_size": model.arch.patch_size, **final}

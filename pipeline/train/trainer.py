@@ -274,14 +274,24 @@ class Trainer:
 
     # ------------------------------------------------------------------ logging
 
-    def _csv_paths(self) -> tuple[Path | None, Path | None]:
-        if not self.log_csv:
-            return None, None
-        return self.log_csv, self.log_csv.with_name(self.log_csv.stem + "_epochs.csv")
+    def _csv_paths(self) -> tuple[Path, Path]:
+        """The canonical logs live beside the checkpoints (persisted with them, so a resumed
+        run continues its curve); ``log_csv`` only mirrors them. DVC deletes a stage's plot
+        files before re-running it, so the mirror must be reproducible from the canonical log."""
+        return self.out_dir / "train_log.csv", self.out_dir / "train_log_epochs.csv"
 
-    def _truncate_csv(self, path: Path | None, upto_step: int, key: str) -> None:
+    def _mirror_logs(self) -> None:
+        if not self.log_csv or not self.dist.is_main:
+            return
+        window, epochs = self._csv_paths()
+        for src, dst in ((window, self.log_csv),
+                         (epochs, self.log_csv.with_name(self.log_csv.stem + "_epochs.csv"))):
+            if src.exists():
+                atomic_write_text(dst, src.read_text())
+
+    def _truncate_csv(self, path: Path, upto_step: float, key: str) -> None:
         """After a resume, drop rows logged past the checkpoint so the curve has no duplicates."""
-        if path is None or not path.exists() or not self.dist.is_main:
+        if not path.exists() or not self.dist.is_main:
             return
         rows = list(csv.DictReader(path.open()))
         if not rows:
@@ -293,8 +303,8 @@ class Trainer:
         w.writerows(kept)
         atomic_write_text(path, buf.getvalue())
 
-    def _append_csv(self, path: Path | None, row: dict[str, Any]) -> None:
-        if path is None or not self.dist.is_main:
+    def _append_csv(self, path: Path, row: dict[str, Any]) -> None:
+        if not self.dist.is_main:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists() and path.stat().st_size:
@@ -328,6 +338,7 @@ class Trainer:
         window_csv, epoch_csv = self._csv_paths()
         self._truncate_csv(window_csv, start, "step")
         self._truncate_csv(epoch_csv, start / max(len(self.dataset), 1) * cfg.batch_size, "epoch")
+        self._mirror_logs()
 
         wrapped: nn.Module = model
         if dist.enabled:
@@ -404,6 +415,7 @@ class Trainer:
                 epoch_meter = _MeanMeter()
             if self.step % cfg.ckpt_every == 0 or last:
                 self._checkpoint(model, opts, ema, epoch_meter)
+                self._mirror_logs()
             for cb in self.callbacks:
                 cb(self.step, self)
         bar.close()
