@@ -44,6 +44,13 @@ TINY = {
 }
 
 
+def _overlay(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _overlay(base.get(k, {}), v) if isinstance(v, dict) else v
+    return out
+
+
 def _run(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
     proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode:
@@ -62,7 +69,9 @@ def repo(tmp_path_factory) -> tuple[Path, dict[str, str]]:
         else:
             shutil.copy2(src, root / item)
     (root / "data").mkdir()
-    (root / "params.yaml").write_text(yaml.safe_dump(TINY, sort_keys=False))
+    # On top of the real params.yaml: DVC needs every key dvc.yaml tracks written out.
+    base = yaml.safe_load((REPO / "params.yaml").read_text())
+    (root / "params.yaml").write_text(yaml.safe_dump(_overlay(base, TINY), sort_keys=False))
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "COP_NO_PROGRESS": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
            "OMP_NUM_THREADS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@localhost",
