@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.tokenizers import KL16Tokenizer  # noqa: E402
-from pipeline.tokenizers.base import cpu_has_native_bf16  # noqa: E402
+from pipeline.utils.device import cpu_has_native_bf16  # noqa: E402
 
 
 def encode_batched(tok: KL16Tokenizer, x: torch.Tensor, batch_size: int) -> torch.Tensor:

@@ -20,7 +20,7 @@ from ldm_reference import LDMAutoencoderKL, randomize_  # noqa: E402
 from pipeline.config import TokenizerConfig  # noqa: E402
 from pipeline.tokenizers import (CheckpointError, KL16Tokenizer, PatchTokenizer,  # noqa: E402
                                  build_tokenizer, load_tokenizer)
-from pipeline.tokenizers.base import cpu_has_native_bf16  # noqa: E402
+from pipeline.utils.device import cpu_has_native_bf16  # noqa: E402
 from pipeline.tokenizers.kl16 import (build_kl16_model, convert_ldm_state_dict,  # noqa: E402
                                       read_kl16_weights, to_diffusers_state_dict)
 

@@ -10,7 +10,7 @@ Precision. ``encode_moments``/``decode`` run in one of two modes, chosen by
 - fast: bf16 autocast where the hardware has native bf16 (CUDA, AVX512-BF16/AMX CPUs), plus
   channels_last memory format when asked. 'auto' resolves to bf16 only on such hardware; on
   CPUs without native bf16 it is fp32, whose channels_last convs are the fast path there
-  (see :meth:`Tokenizer.auto_dtype` for the measurement).
+  (see :func:`pipeline.utils.device.cpu_has_native_bf16` for the measurement).
 Results are always returned as contiguous float32. The weights stay float32 in every mode,
 so :meth:`identity` does not depend on it.
 """
@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.utils.device import autocast, resolve_precision
+from pipeline.utils.device import autocast, cpu_has_native_bf16, resolve_precision
 from pipeline.utils.io import atomic_write_json, read_json
 
 FORMAT = "tokenizer/v1"
@@ -47,15 +47,6 @@ def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-@functools.cache
-def cpu_has_native_bf16() -> bool:
-    """True when oneDNN runs bf16 natively on this CPU (AVX512-BF16 or AMX)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 @functools.cache
@@ -102,16 +93,8 @@ class Tokenizer(nn.Module, abc.ABC):
         return next(self.buffers(), next(self.parameters(), torch.empty(0))).device
 
     def auto_dtype(self, device: torch.device) -> torch.dtype:
-        """What 'auto' means for this tokenizer: bf16 where the hardware runs it natively.
-
-        On a CPU without native bf16 (no AVX512-BF16/AMX: ``mkldnn_bf16_supported`` is
-        False, e.g. AVX2-only machines) oneDNN has no fast bf16 convolution: measured here,
-        one 128-channel 3×3 conv at 128² took 0.33 s fp32, 0.64 s bf16 channels_last and 63 s
-        bf16 contiguous, while fp32 channels_last took 0.12 s. So 'auto' is fp32 there, and
-        the fast path is fp32 + channels_last.
-        """
-        if device.type == "cpu" and not cpu_has_native_bf16():
-            return torch.float32
+        """What 'auto' means for this tokenizer: bf16 only where it runs natively; on AVX2
+        CPUs the fast path is fp32 + channels_last (``utils.device.cpu_has_native_bf16``)."""
         return resolve_precision("auto", device)
 
     def compute_dtype(self) -> torch.dtype:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import random
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,14 +16,18 @@ def pick_device(local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-@functools.lru_cache(maxsize=1)
+@functools.cache
 def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: without them bf16 matmuls are emulated and slower than fp32."""
+    """True when oneDNN runs bf16 natively on this CPU (AVX512-BF16 or AMX).
+
+    Without it bf16 is emulated: measured on an AVX2 EPYC, bf16 autocast was 3-11x slower
+    than fp32 for every model here, and a 128-channel 3x3 conv at 128^2 took 0.33 s fp32,
+    0.12 s fp32 channels_last, 0.64 s bf16 channels_last and 63 s bf16 contiguous.
+    """
     try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
         return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
