@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -27,6 +26,7 @@ from pipeline.models.comae import (
 from pipeline.models.comae_task import ComaeTask
 from pipeline.train.checkpoint import latest_checkpoint
 from pipeline.train.trainer import ConfigMismatchError, NonFiniteError, StepContext, Trainer
+from tests.support import free_port
 
 GRID, DIM = 4, 4
 N = GRID * GRID
@@ -305,12 +305,6 @@ def test_load_comae_refuses_mixed_folder(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- DDP
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank), COP_NO_PROGRESS="1")
@@ -325,7 +319,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
 @pytest.mark.slow
 def test_ddp_two_processes_match_one(tmp_path: Path) -> None:
     ref, _ = _fit(tmp_path / "one", cfg=train_cfg(steps=4, ckpt_every=4))
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "two")), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path / "two")), nprocs=2, join=True)
     two, _ = load_comae(tmp_path / "two")
     for k, v in ref.state_dict().items():
         torch.testing.assert_close(two.state_dict()[k], v, atol=1e-5, rtol=1e-5, msg=k)

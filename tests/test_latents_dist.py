@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from pipeline.config import load_params
 from pipeline.latents.store import LatentStore
 from stages.extract_latents import fit_indices, run
 from test_latents import make_imageset, shard_bytes
+from tests.support import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = {
@@ -34,12 +34,6 @@ def _workdir(root: Path) -> Path:
     return root
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_one_and_two_processes_give_identical_stores(tmp_path):
     one, two = _workdir(tmp_path / "one"), _workdir(tmp_path / "two")
@@ -49,7 +43,7 @@ def test_one_and_two_processes_give_identical_stores(tmp_path):
            "OMP_NUM_THREADS": str(torch.get_num_threads()), "COP_NO_PROGRESS": "1"}
     env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
            "-m", "stages.extract_latents", "--params", "params.yaml"]
     proc = subprocess.run(cmd, cwd=two, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-4000:]

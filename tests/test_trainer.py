@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from pipeline.train.schedules import lr_at
 from pipeline.train.trainer import (
     ConfigMismatchError, NonFiniteError, StepBatchSampler, Trainer, TrainTask,
 )
+from tests.support import free_port
 
 
 class ToyTask(TrainTask):
@@ -164,12 +164,6 @@ def test_half_written_checkpoint_is_ignored(tmp_path):
     assert out["steps_this_run"] == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank: int, world: int, port: int, out: str, alternate: bool) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
@@ -187,7 +181,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str, alternate: bool) -> 
 @pytest.mark.parametrize("alternate", [False, True])
 def test_two_process_ddp_matches_one_process(tmp_path, alternate):
     Trainer(ToyTask(alternate), toy_data(), cfg(), tmp_path / "one").fit()
-    mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tmp_path / "two"), alternate),
+    mp.start_processes(_ddp_worker, args=(2, free_port(), str(tmp_path / "two"), alternate),
                        nprocs=2, join=True, start_method="spawn")
     a, b = weights(tmp_path / "one" / "model.safetensors"), weights(tmp_path / "two" / "model.safetensors")
     for k in a:
