@@ -65,6 +65,12 @@ def train_comae(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) ->
     _run_stage("train_comae", params, set_)
 
 
+@app.command("probe-comae")
+def probe_comae(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Train CoMAE on copy-mechanism grids and score precision@1 against the known sources."""
+    _run_stage("probe_comae", params, set_)
+
+
 @app.command("export-orders")
 def export_orders(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Dependency matrices -> PageRank -> collapse-order shards (+ class orders, plots)."""

@@ -155,6 +155,16 @@ class ComaeConfig(Section):
     lambda_: float = Field(0.01, ge=0, alias="lambda", description="weight of L_c (eq. 6)")
     tau_init: float = Field(0.1, gt=0, description="initial contrastive temperature")
     targets_per_image: int = Field(16, ge=1, description="targets sampled per image per step")
+    # Options beyond the paper; null / 0 is the paper's method (docs/comae-sweep.md).
+    budget: float | None = Field(
+        None, gt=0, lt=1, description="fix the mean of w over the N-1 context patches (a "
+        "selection budget, 'masking K patches'); null: unconstrained (paper)")
+    probe_steps: int = Field(
+        600, ge=1, description="steps of the CoMAE trained on the copy-mechanism probe "
+        "(stage probe_comae; same architecture and train settings otherwise)")
+    w_shuffle: float = Field(
+        0.0, ge=0, le=1, description="share of decoder-step sequences whose w is moved to random "
+        "positions, so g learns to read any selection; 0: paper")
     train: TrainConfig = TrainConfig(steps=600, batch_size=16, lr=1e-3, ckpt_every=200)
 
     @model_validator(mode="after")

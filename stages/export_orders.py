@@ -1,9 +1,9 @@
 """Stage ``export_orders``: CoMAE dependency matrices → PageRank → collapse-order shards.
 
 Reads ``data/comae/`` and ``data/latents/{train,val}.zarr``; writes ``data/orders/{train,val}/``
-(shards + manifest; class orders from train), ``data/metrics/orders.json`` (speed, flip and
-top-k agreement, how well scores find the object) and a few Fig. 4/5 PNGs into
-``data/plots/orders/``. torchrun-able: ranks write disjoint shards; rank 0 finishes.
+(shards + manifest; class orders from train); the collapse order beside its baselines
+(:mod:`pipeline.orders.report`) as headline figures in ``data/metrics/orders.json`` and in
+full in ``data/reports/orders.json``; and a few Fig. 4/5 PNGs into ``data/plots/orders/``. torchrun-able: ranks write disjoint shards; rank 0 finishes.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Any
 from pipeline.config import Params, params_dict
 from pipeline.data.imageset import ImageSet
 from pipeline.latents.store import LatentStore
-from pipeline.metrics.objectness import objectness
 from pipeline.models.comae import load_comae
 from pipeline.orders.export import SplitResult, export_split
+from pipeline.orders.report import format_table, order_report, split_scores
 from pipeline.orders.shards import CollapseOrders
 from pipeline.orders.viz import show_orders
 from pipeline.utils.device import pick_device
@@ -30,19 +30,6 @@ PLOT_IMAGES = 4
 def comae_identity(info: dict[str, Any]) -> dict[str, Any]:
     """What made the matrices: the exact weights file (by sha256) and its config."""
     return {"weights": info["weights"], "sha256": info["sha256"], "config": info["config"]}
-
-
-def split_objectness(orders: CollapseOrders, images: ImageSet) -> dict[str, Any] | None:
-    if not images.has_masks:
-        return None
-
-    def items():
-        for key in orders.keys:
-            mask = images.mask(images.index_of(key))
-            if mask is not None:
-                yield orders.order(key), orders.scores(key), mask
-
-    return objectness(items(), orders.grid)
 
 
 def _split_metrics(r: SplitResult) -> dict[str, Any]:
@@ -73,20 +60,47 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> None:
 
 
 def _finish(data_dir: Path, params: Params, results: dict[str, SplitResult]) -> None:
-    metrics: dict[str, Any] = {"params": params_dict(params.orders),
-                               "splits": {s: _split_metrics(r) for s, r in results.items()}}
     secs = sum(r.seconds for r in results.values())
     imgs = sum(r.images_computed for r in results.values())
     # Keys per second of this run's computed shards; with orders.flip = compute every key's
     # flipped latents go through CoMAE and PageRank too (twice the work per key).
-    metrics["images_per_s"] = imgs / secs if secs > 0 else None
-    metrics["objectness"] = {}
-    for split in ("val", "train"):
+    speed = imgs / secs if secs > 0 else None
+    fixed = split_scores(CollapseOrders(data_dir / "orders" / "train", verify=False)).mean(0)
+    reports = {}
+    for split in SPLITS:
         orders = CollapseOrders(data_dir / "orders" / split, verify=False)
-        metrics["objectness"][split] = split_objectness(orders, ImageSet(data_dir / "images" / split))
-    atomic_write_json(data_dir / "metrics" / "orders.json", metrics)
+        images = ImageSet(data_dir / "images" / split)
+        store = LatentStore(data_dir / "latents" / f"{split}.zarr", in_memory=True)
+        reports[split] = order_report(orders, images, store, fixed, seed=params.seed)
+        if reports[split] is not None:
+            print(format_table(reports[split], split), flush=True)
+    atomic_write_json(data_dir / "reports" / "orders.json", {
+        "params": params_dict(params.orders), "images_per_s": speed,
+        "splits": {s: _split_metrics(r) for s, r in results.items()}, "baselines": reports})
+    atomic_write_json(data_dir / "metrics" / "orders.json",
+                      headline(reports.get("val"), results["val"].stats, speed))
+    print(f"[orders] {imgs} images in {secs:.0f} s ({speed or 0:.1f} images/s)", flush=True)
     show_orders(data_dir / "orders" / "train", data_dir / "images" / "train", count=PLOT_IMAGES,
                 out=data_dir / "plots" / "orders")
+
+
+def headline(report: dict[str, Any] | None, stats: dict[str, Any], speed: float | None
+             ) -> dict[str, Any]:
+    """The few val figures `dvc metrics show` prints: object AUC of the collapse order and of
+    every baseline, the collapse order's position-stratified AUC and top-10% share, image
+    specificity and flip consistency."""
+    out: dict[str, Any] = {}
+    if report is not None:
+        table = report["table"]
+        out.update({f"auc_{name}": row["auc"] for name, row in table.items()})
+        out["auc_collapse_ci"] = table["collapse"]["auc_ci"]
+        out["pos_auc_collapse"] = table["collapse"]["pos_auc"]
+        out["top10_collapse"] = table["collapse"]["top10"]
+        out["specificity_tau"] = report["specificity_tau"]
+    flip = stats.get("flip_tau_computed_vs_mapped")
+    out["flip_tau"] = flip.get("mean") if isinstance(flip, dict) else None
+    out["images_per_s"] = speed
+    return out
 
 
 if __name__ == "__main__":

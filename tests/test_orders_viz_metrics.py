@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.metrics.objectness import objectness, patch_labels, roc_auc, top_share
+from pipeline.metrics.objectness import compare, patch_labels, roc_auc
 from pipeline.orders.export import export_split
 from pipeline.orders.shards import CollapseOrders
 from pipeline.orders.viz import fig4, show_orders
@@ -36,13 +36,11 @@ def test_auc_matches_pairwise_definition() -> None:
 
 
 def test_top_share_and_aggregate() -> None:
-    lab = np.array([1, 0, 0, 1, 0, 0, 0, 0, 0, 0], bool)
-    order = np.array([3, 0, 1, 2, 4, 5, 6, 7, 8, 9])
-    assert top_share(order, lab) == {"0.1": 1.0, "0.25": pytest.approx(2 / 3), "0.5": 0.4}
-    mask = np.zeros((4, 4), bool)
-    mask[:2, :2] = True  # grid 2: patch 0 is object
-    rep = objectness([(np.array([0, 1, 2, 3]), np.array([4.0, 3, 2, 1]), mask)], grid=2)
-    assert rep["area_share"] == 0.25 and rep["auc_mean"] == 1.0 and rep["lift"]["0.25"] == 4.0
+    lab = np.array([[1, 0, 0, 1, 0, 0, 0, 0, 0, 0]], bool)
+    scores = np.array([[9.0, 7, 6, 10, 5, 4, 3, 2, 1, 0]])  # order 3, 0, 1, 2, 4, ...
+    row = compare({"s": scores}, lab)["s"]
+    assert row["top10"] == 1.0 and row["top25"] == pytest.approx(2 / 3) and row["top50"] == 0.4
+    assert row["auc"] == 1.0
 
 
 def test_pngs(tmp_path: Path) -> None:

@@ -172,7 +172,7 @@ def prepare_split(split: str, cfg: DataConfig, out_dir: Path, fp: str, classes: 
         per_class = syn.train_per_class if split == "train" else syn.val_per_class
         classes = class_names(syn.num_classes)
         plan = Plan([Entry(k, c, f"{c}:{j}") for k, c, j in synthetic_keys(split, syn.num_classes, per_class)],
-                    identity={"kind": "synthetic", "generator": "cop-synthetic/1", **syn.model_dump()})
+                    identity={"kind": "synthetic", "generator": "cop-synthetic/2", **syn.model_dump()})
         loader: Any = SyntheticLoader(enc, split, syn.image_size, syn.seed)
     elif cfg.source == "imagefolder":
         classes = classes or imagefolder_classes(cfg.root)

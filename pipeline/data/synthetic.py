@@ -153,45 +153,60 @@ def _paint(canvas: np.ndarray, region: np.ndarray, weight: np.ndarray, ca: np.nd
 # ----------------------------------------------------------------------------- image
 
 
-def _background(size: int, rng: np.random.Generator) -> np.ndarray:
-    """Class-independent clutter: smooth colour field, blobs (some textured), lines."""
+def _smooth_field(size: int, rng: np.random.Generator) -> np.ndarray:
+    """A low-contrast colour field: bicubic upsampling of a random 4x4 colour grid."""
     grid = rng.uniform(30, 225, (4, 4, 3)).astype(np.uint8)
     smooth = Image.fromarray(grid, "RGB").resize((size, size), resample=Image.BICUBIC)
-    canvas = np.asarray(smooth, dtype=np.float64).copy()
-    for _ in range(int(rng.integers(3, 8))):  # ellipse blobs
-        f = _frame(size, *rng.uniform(0, size, 2), size * rng.uniform(0.06, 0.18),
-                   rng.uniform(0, np.pi), rng.uniform(0.5, 1.0), rng.uniform(0.5, 1.0))
+    return np.asarray(smooth, dtype=np.float64).copy()
+
+
+def _noise_blobs(canvas: np.ndarray, size: int, radius: float, ca: np.ndarray, cb: np.ndarray,
+                 rng: np.random.Generator) -> None:
+    """Distractors as contrasted as the object but with nothing to predict: ellipses of
+    independent per-pixel draws between the object's own two colours (same pixel variance as
+    a two-colour texture, no spatial structure)."""
+    for _ in range(int(rng.integers(BLOBS[0], BLOBS[1] + 1))):
+        cx, cy = _uniform_centre(size, radius, rng)
+        f = _frame(size, cx, cy, radius * rng.uniform(0.9, 1.4), rng.uniform(0, np.pi),
+                   rng.uniform(0.6, 1.0), rng.uniform(0.6, 1.0))
         region = f.r <= 1.0
-        ca, cb = _colour_pair(rng)
-        if rng.uniform() < 0.4:
-            weight = texture_pattern(TEXTURES[int(rng.integers(len(TEXTURES)))], f, rng)
-        else:
-            weight = np.zeros(region.shape)
-        _paint(canvas, region, weight, ca, cb)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
-    for _ in range(int(rng.integers(2, 6))):  # thick line segments
-        (x0, y0), (x1, y1) = rng.uniform(0, size, (2, 2))
-        dx, dy = x1 - x0, y1 - y0
-        t = np.clip(((xx - x0) * dx + (yy - y0) * dy) / max(dx * dx + dy * dy, 1e-9), 0, 1)
-        dist = np.hypot(xx - (x0 + t * dx), yy - (y0 + t * dy))
-        width = rng.uniform(0.5, 1.6) * size / 64
-        canvas[dist <= width] = _colour_pair(rng)[int(rng.integers(2))]
-    return canvas
+        _paint(canvas, region, (rng.uniform(size=region.shape) < 0.5).astype(np.float64), ca, cb)
+
+
+def _uniform_centre(size: int, radius: float, rng: np.random.Generator) -> np.ndarray:
+    """A centre such that every pixel is equally likely to be covered: drawn from the image
+    widened by ``radius`` on each side, so objects may be cut by the border and position
+    tells nothing about where an object is."""
+    return rng.uniform(-radius, size + radius, 2)
+
+
+BLOBS = (9, 12)  # noise blobs per image (inclusive range)
+MIN_VISIBLE = 0.35  # redraw an object position that leaves less of the object in the frame
 
 
 def render(cls: int, index: int, split: str, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Image ``index`` of class ``cls`` in ``split``: (uint8 [size, size, 3], bool mask)."""
+    """Image ``index`` of class ``cls`` in ``split``: (uint8 [size, size, 3], bool mask).
+
+    Layout: smooth colour field, then noise blobs in the object's colours, then the object
+    (never occluded) at a position uniform over the image and cut by the border if it falls
+    there. Position, pixel contrast and colour therefore carry no information about which
+    patches are object; the object's texture and outline do (they predict its other patches).
+    """
     if split not in SPLIT_IDS:
         raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLIT_IDS)}")
     rng = np.random.default_rng([seed % (1 << 63), SPLIT_IDS[split], cls, index])
     shape, texture = class_pair(cls)
-    canvas = _background(size, rng)
+    canvas = _smooth_field(size, rng)
     radius = size * rng.uniform(0.2, 0.3)
-    margin = radius * 0.9
-    cx, cy = rng.uniform(margin, size - margin, 2)
-    f = _frame(size, cx, cy, radius, rng.uniform(0, 2 * np.pi), rng.uniform(0.85, 1.15), rng.uniform(0.85, 1.15))
-    mask = shape_mask(shape, f)
     ca, cb = _colour_pair(rng)
+    _noise_blobs(canvas, size, radius, ca, cb, rng)
+    angle, sx, sy = rng.uniform(0, 2 * np.pi), rng.uniform(0.85, 1.15), rng.uniform(0.85, 1.15)
+    whole = shape_mask(shape, _frame(4 * size, 2 * size, 2 * size, radius, angle, sx, sy)).sum()
+    for _ in range(16):  # rejection keeps enough of the object in view to be classifiable
+        f = _frame(size, *_uniform_centre(size, radius, rng), radius, angle, sx, sy)
+        mask = shape_mask(shape, f)
+        if mask.sum() >= MIN_VISIBLE * whole:
+            break
     _paint(canvas, mask, texture_pattern(texture, f, rng), ca, cb)
     canvas += rng.normal(0, rng.uniform(2, 8), canvas.shape)
     return np.clip(np.rint(canvas), 0, 255).astype(np.uint8), mask

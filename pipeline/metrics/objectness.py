@@ -5,17 +5,21 @@ A patch counts as *object* when at least half of its pixels lie inside the objec
 (a mask whose side is not a multiple of the grid is resized by nearest neighbour first).
 
 Per image:
-- ``top_share[f]``: the share of object patches among the first ``ceil(f·N)`` patches of the
-  collapse order, to compare with ``area_share`` (the share of object patches overall): a
-  score that ignores the object gets ``top_share ≈ area_share``;
+- ``top{f}``: the share of object patches among the first ``ceil(f·N)`` patches of the
+  order, to compare with the share of object patches overall: a score that ignores the
+  object gets about that share;
 - ``auc``: ROC AUC of score vs object label by the rank (Mann-Whitney) formula, ties counted
   half; undefined (skipped) for an image whose patches are all object or all background.
+
+Across images, at each patch position: ``pos_auc`` (:func:`position_auc`), which any order
+that depends on position alone scores 0.5. :func:`compare` scores several orders of the same
+images this way, side by side.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 from scipy.stats import rankdata
@@ -48,39 +52,52 @@ def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float | None:
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def top_share(order: np.ndarray, labels: np.ndarray, fractions: Sequence[float] = FRACTIONS) -> dict[str, float]:
-    labels = np.asarray(labels, bool)
-    N = labels.size
-    return {f"{f:g}": float(labels[np.asarray(order)[: max(1, math.ceil(f * N))]].mean()) for f in fractions}
+# ----------------------------------------------------------------------------- side by side
 
 
-def objectness(items: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]], grid: int,
-               fractions: Sequence[float] = FRACTIONS) -> dict[str, object]:
-    """Aggregate over ``(order, scores, mask)`` triples: means over images of each figure.
+def position_auc(scores: np.ndarray, labels: np.ndarray) -> float | None:
+    """Mean over patch positions of the AUC, across images, of score vs object at that position.
 
-    ``lift[f]`` = mean top share / mean area share (> 1: the order front-loads the object).
+    Any order that depends on position alone ties every image at a position and scores 0.5;
+    above 0.5 means the scores follow the object *within* a position, i.e. they know the image.
+    Positions where every image is object (or none is) are skipped.
     """
-    shares: dict[str, list[float]] = {f"{f:g}": [] for f in fractions}
-    area: list[float] = []
-    aucs: list[float] = []
-    for order, scores, mask in items:
-        lab = patch_labels(mask, grid)
-        area.append(float(lab.mean()))
-        for k, v in top_share(order, lab, fractions).items():
-            shares[k].append(v)
-        a = roc_auc(scores, lab)
-        if a is not None:
-            aucs.append(a)
-    if not area:
-        return {"images": 0}
-    mean_area = float(np.mean(area))
-    top = {k: float(np.mean(v)) for k, v in shares.items()}
-    return {
-        "images": len(area),
-        "object_patch_threshold": OBJECT_THRESHOLD,
-        "area_share": mean_area,
-        "top_share": top,
-        "lift": {k: (v / mean_area if mean_area > 0 else None) for k, v in top.items()},
-        "auc_mean": float(np.mean(aucs)) if aucs else None,
-        "auc_images": len(aucs),
-    }
+    scores, labels = np.asarray(scores, np.float64), np.asarray(labels, bool)
+    per = [roc_auc(scores[:, p], labels[:, p]) for p in range(scores.shape[1])]
+    per = [a for a in per if a is not None]
+    return float(np.mean(per)) if per else None
+
+
+def mean_ci(values: Sequence[float], z: float = 1.96) -> tuple[float, float]:
+    """(mean, half-width of the normal-approximation 95% interval) over independent samples."""
+    v = np.asarray(values, np.float64)
+    if v.size == 0:
+        return float("nan"), float("nan")
+    half = z * v.std(ddof=1) / math.sqrt(v.size) if v.size > 1 else float("nan")
+    return float(v.mean()), float(half)
+
+
+def compare(named_scores: dict[str, np.ndarray], labels: np.ndarray,
+            fractions: Sequence[float] = FRACTIONS) -> dict[str, dict[str, float | None]]:
+    """Score every order the same way: scores ``{name: [M, N]}``, labels bool ``[M, N]``.
+
+    Per name: ``auc`` (mean per-image ROC AUC) with ``auc_ci`` (95% half-width over images),
+    ``top{f}`` (object share in the first ``ceil(f·N)`` patches, ties broken by lower index as
+    in :func:`pipeline.orders.pagerank.collapse_order`) and ``pos_auc`` (:func:`position_auc`).
+    """
+    labels = np.asarray(labels, bool)
+    out: dict[str, dict[str, float | None]] = {}
+    for name, scores in named_scores.items():
+        scores = np.asarray(scores, np.float64)
+        if scores.shape != labels.shape:
+            raise ValueError(f"scores of {name!r} have shape {scores.shape}, labels {labels.shape}")
+        orders = np.argsort(-scores, axis=-1, kind="stable")
+        aucs = [a for a in (roc_auc(s, lab) for s, lab in zip(scores, labels)) if a is not None]
+        auc, ci = mean_ci(aucs)
+        row: dict[str, float | None] = {"auc": auc, "auc_ci": ci}
+        for f in fractions:
+            k = max(1, math.ceil(f * labels.shape[1]))
+            row[f"top{int(round(f * 100))}"] = float(np.take_along_axis(labels, orders[:, :k], 1).mean())
+        row["pos_auc"] = position_auc(scores, labels)
+        out[name] = row
+    return out

@@ -57,7 +57,7 @@ FORMAT = "cop-comae/1"
 # ComaeConfig fields that define the network that produces w; the rest (lambda, tau_init,
 # targets_per_image, train) shape training only and may differ between trainer and reader.
 ARCH_FIELDS = ("enc_dim", "enc_depth", "enc_heads", "dec_dim", "dec_depth", "dec_heads",
-               "mlp_ratio", "head_layers", "sigma")
+               "mlp_ratio", "head_layers", "sigma", "budget")
 TAU_MIN, TAU_MAX = 1e-2, 1e2
 Half = Literal["encoder", "decoder", "both"]
 
@@ -264,6 +264,8 @@ class CoMAE(nn.Module):
         """f for S sequences: image img[s] with target tgt[s]. tokens [B, N, D] -> w [S, N]."""
         h = self.encoder(self._kept(tokens, img, tgt), tgt, self._rope(tgt, self.encoder.head_dim))
         logits = self.select_head(h).float()  # [S, N]
+        if self.cfg.budget is not None:
+            logits = logits - budget_shift(logits, tgt, self.cfg.budget)
         w = (1.0 + torch.tanh(logits)) / 2.0  # "tanh normalization" into [0, 1]
         return w.scatter(1, tgt.unsqueeze(1), 0.0)  # w^n_n = 0
 
@@ -299,8 +301,8 @@ class CoMAE(nn.Module):
         h = _call(self.decoder, frozen, noised.reshape(B * T, -1, D), tgt, rope)  # [B*T, C]
         return _call(self.recon_head, frozen, h).view(B, T, D)
 
-    def forward(self, tokens: Tensor, targets: Tensor, eps: Tensor, update: Half = "both"
-                ) -> dict[str, Tensor]:
+    def forward(self, tokens: Tensor, targets: Tensor, eps: Tensor, update: Half = "both",
+                shuffle: tuple[Tensor, Tensor] | None = None) -> dict[str, Tensor]:
         """One training pass: tokens [B, N, D], targets [B, T] (distinct per image), eps
         [B, T, N-1, D] -> {"w" [B, T, N], "recon" [B, T, D], "target" [B, T, D], "tau" []}.
 
@@ -308,6 +310,11 @@ class CoMAE(nn.Module):
         "decoder" runs f without autograd (w is a constant for g); "encoder" runs g with
         detached parameters (gradients flow through g into w; g's weights get none);
         "both" is plain joint backprop.
+
+        ``shuffle`` = (rows [B, T] bool, perm [B, T, N] long): for the marked sequences g sees
+        f's weights moved to random positions (``perm`` permutes the non-target entries), so
+        g learns to read whichever tokens are clean rather than one fixed pattern
+        (``comae.w_shuffle``). The returned ``w`` stays f's own.
         """
         if update not in ("encoder", "decoder", "both"):
             raise ValueError(f"update must be 'encoder', 'decoder' or 'both', got {update!r}")
@@ -316,7 +323,11 @@ class CoMAE(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and update != "decoder"):
             w = self.select(tokens, targets)
             tau = self.tau
-        recon = self.reconstruct(self.noise(tokens, targets, w, eps), targets,
+        w_dec = w
+        if shuffle is not None:
+            rows, perm = shuffle
+            w_dec = torch.where(rows.unsqueeze(-1), torch.gather(w, 2, perm), w)
+        recon = self.reconstruct(self.noise(tokens, targets, w_dec, eps), targets,
                                  frozen=update == "encoder")
         target = torch.gather(tokens, 1, targets.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
         return {"w": w, "recon": recon, "target": target, "tau": tau}
@@ -343,6 +354,33 @@ class CoMAE(nn.Module):
             for s in range(0, B * N, chunk):
                 out[s:s + chunk] = self._select_seq(tokens, img[s:s + chunk], tgt[s:s + chunk])
         return out.view(B, N, N)
+
+
+def budget_shift(logits: Tensor, tgt: Tensor, budget: float, iters: int = 40) -> Tensor:
+    """Per-row shift b [S, 1] such that the mean of ``(1 + tanh(l - b)) / 2`` over the N - 1
+    non-target entries equals ``budget`` (``comae.budget``).
+
+    Paper Sec. 3.1 reads the selection as "masking K patches", a fixed amount of context per
+    target; without a budget nothing stops f from asking for every patch. b is found by
+    bisection on detached logits, then one Newton step taken with autograd so the gradient
+    w.r.t. the logits is (to first order) that of the exact constraint.
+    """
+    keep = torch.ones_like(logits, dtype=torch.bool).scatter(1, tgt.unsqueeze(1), False)
+    n = keep.sum(1, keepdim=True).to(logits.dtype)
+
+    def mean_w(lg: Tensor, b: Tensor) -> Tensor:
+        return (((1 + torch.tanh(lg - b)) / 2) * keep).sum(1, keepdim=True) / n
+
+    with torch.no_grad():
+        lo = logits.amin(1, keepdim=True) - 20.0  # mean_w(lo) ~ 1
+        hi = logits.amax(1, keepdim=True) + 20.0  # mean_w(hi) ~ 0
+        for _ in range(iters):
+            mid = (lo + hi) / 2
+            above = mean_w(logits, mid) > budget
+            lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
+        b0 = (lo + hi) / 2
+    slope = (((1 - torch.tanh(logits - b0) ** 2) / 2) * keep).sum(1, keepdim=True) / n
+    return b0 + (mean_w(logits, b0) - budget) / slope.clamp_min(1e-12)
 
 
 def _call(module: nn.Module, frozen: bool, *args: Tensor) -> Tensor:

@@ -76,7 +76,14 @@ class ComaeTask(TrainTask):
         eps = ctx.randn(T, N - 1, D)  # [b, T, N-1, D] eq. 3 noise for the kept tokens
 
         half = self.half_at(ctx.step)
-        out = model(tokens, targets, eps, update=half)
+        shuffle = None
+        if half == DECODER and self.cfg.w_shuffle > 0:
+            rows = ctx.rand(T) < self.cfg.w_shuffle  # [b, T]
+            kept = core.keep[targets]  # [b, T, N-1] the non-target positions
+            moved = torch.gather(kept, 2, ctx.rand(T, N - 1).argsort(-1))
+            perm = torch.arange(N, device=ctx.device).repeat(*targets.shape, 1).scatter(2, kept, moved)
+            shuffle = (rows, perm)  # perm fixes the target, permutes the rest
+        out = model(tokens, targets, eps, update=half, shuffle=shuffle)
         w, tau = out["w"], out["tau"]  # [b, T, N], scalar (both constants in g's step)
         l_r = reconstruction_loss(out["target"], out["recon"])
         l_c = contrastive_loss(w, tau)  # depends on f and tau only: no gradient in g's step
