@@ -189,9 +189,17 @@ def fields_for(cfg: OrdersConfig) -> list[str]:
 
 def export_fingerprint(store: Any, comae_identity: Any, cfg: OrdersConfig, device: torch.device,
                        amp: torch.dtype) -> str:
-    """Everything that decides the shard bytes; a change means rebuilding, not resuming."""
+    """Everything that decides the shard bytes; a change means rebuilding, not resuming.
+
+    The thread count is not in it: the bytes do not depend on it (tests/test_orders_threads.py).
+    Kernels do differ between torch builds and CPU instruction sets, so a run resumed on
+    another build or CPU kind starts over instead of mixing shards.
+    """
+    kernels = {"torch": torch.__version__,
+               "cpu": torch.backends.cpu.get_cpu_capability() if device.type == "cpu" else None}
     return sha256_json({"format": FORMAT, "latents": store.identity, "comae": comae_identity,
-                        "params": params_dict(cfg), "device": device.type, "amp": str(amp)})
+                        "params": params_dict(cfg), "device": device.type, "amp": str(amp),
+                        "kernels": kernels})
 
 
 def _shard_ok(path: Path, keys: Sequence[str], fields: Sequence[str], N: int) -> bool:
