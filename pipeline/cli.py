@@ -47,6 +47,12 @@ def _run_stage(module: str, params_path: Path, overrides: list[str] | None, **kw
     stage.run(params, **kwargs)
 
 
+@app.command("list-source")
+def list_source(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """List the image source (files, sizes, mtimes) into data/source.json for DVC."""
+    _run_stage("list_source", params, set_)
+
+
 @app.command()
 def prepare(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Build the prepared image set (train/val shards of center crops, labels, masks)."""

@@ -11,10 +11,11 @@ passes: every source tar is decoded and cropped into a key-sorted staging run
 (``.staging/run-XXXXXX.tar``, itself resumable per source tar), then the runs are merged in
 key order into the output shards by copying encoded bytes, and ``.staging`` is removed.
 
-Fingerprint = sha256 of (format, ``params.data`` without ``num_workers``, ``params.seed``).
+Fingerprint = sha256 of (format, ``params.data`` without ``num_workers``, ``params.seed``,
+and for a folder or tar source the digest of its listing, :mod:`pipeline.data.listing`).
 It is kept in ``data/images/.fingerprint`` and in each ``index.json``; a different
-fingerprint clears the output folder. (A changed folder listing under the same params is
-detected while a split is incomplete, through the plan hash; a complete split is trusted.)
+fingerprint clears the output folder, so files added, removed or changed in the source
+rebuild the set instead of leaving a complete split trusted.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any, Callable, Sequence
 
 from pipeline.config import DataConfig, Params, params_dict
 from pipeline.data.imageset import FORMAT, IMAGE_EXT, ShardResult, shard_name, write_index
+from pipeline.data.listing import source_listing
 from pipeline.data.sources import Entry, Plan, expand_urls, imagefolder_classes, imagefolder_plan, skip
 from pipeline.data.synthetic import class_names, synthetic_keys
 from pipeline.data.units import (  # noqa: F401 - PrepareError is part of this module's API
@@ -41,10 +43,13 @@ from pipeline.utils.progress import progress
 SPLITS = ("train", "val")
 
 
-def fingerprint(params: Params) -> str:
+def fingerprint(params: Params, listing_sha256: str | None = None) -> str:
     data = params_dict(params.data)
     data.pop("num_workers", None)  # parallelism never changes the bytes written
-    return sha256_json({"format": FORMAT, "data": data, "seed": params.seed})
+    what: dict[str, Any] = {"format": FORMAT, "data": data, "seed": params.seed}
+    if listing_sha256 is not None:  # absent for synthetic: its params say it all
+        what["listing"] = listing_sha256
+    return sha256_json(what)
 
 
 def run_jobs(fn: Callable, jobs: Sequence[Any], workers: int, desc: str, total: int | None) -> None:
@@ -225,7 +230,8 @@ def prepare_images(params: Params, out_dir: str | Path = "data/images", info: Di
     out_dir = Path(out_dir)
     info = info or get_dist()
     cfg = params.data
-    fp = fingerprint(params)
+    listing = None if cfg.source == "synthetic" else source_listing(cfg)
+    fp = fingerprint(params, listing and listing["sha256"])
     _reset_output(out_dir, fp, info)
     classes: list[str] | None = None
     metrics: dict[str, Any] = {"format": FORMAT, "source": cfg.source, "crop_size": cfg.crop_size,
@@ -237,3 +243,17 @@ def prepare_images(params: Params, out_dir: str | Path = "data/images", info: Di
     metrics["classes"] = classes
     metrics["num_classes"] = len(classes or [])
     return metrics
+
+
+def summary(metrics: dict[str, Any]) -> str:
+    """What ``prepare`` made, for a person: images per split and skips by reason."""
+    lines = []
+    for split, m in metrics["splits"].items():
+        reasons = ", ".join(f"{n} {r}" for r, n in m["skipped_by_reason"].items())
+        skipped = f"{m['skipped']} skipped ({reasons})" if m["skipped"] else "0 skipped"
+        lines.append(f"prepare {split}: {m['count']} images in {m['shards']} shards, {skipped}")
+    lines.append(f"prepare: {metrics['num_classes']} classes, {metrics['crop_size']} px crops "
+                 f"from {metrics['source']}"
+                 + ("; skipped inputs are listed in <split>/skipped.jsonl" if any(
+                     m["skipped"] for m in metrics["splits"].values()) else ""))
+    return "\n".join(lines)

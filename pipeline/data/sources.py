@@ -79,7 +79,7 @@ def _dedupe(entries: list[tuple[str, int, str, str]]) -> tuple[list[Entry], list
 # ----------------------------------------------------------------------------- image folder
 
 
-def _walk_images(folder: Path) -> list[str]:
+def walk_images(folder: Path) -> list[str]:
     """Relative POSIX paths of image files under ``folder`` (broken symlinks included: they
     are inputs that fail to load, and must be reported, not silently ignored)."""
     found = []
@@ -145,7 +145,7 @@ def imagefolder_plan(root: str | Path, split: str, classes: list[str]) -> Plan:
     if not split_dir.is_dir():
         raise FileNotFoundError(f"data.root: {split_dir} is not a folder")
     class_index = {c: i for i, c in enumerate(classes)}
-    rels = _walk_images(split_dir)
+    rels = walk_images(split_dir)
     flat = split == "val" and any("/" not in r for r in rels)
     raw: list[tuple[str, int, str, str]] = []
     skipped: list[dict[str, str]] = []
