@@ -1,0 +1,41 @@
+"""``cop orders ...``: reuse, compute and inspect collapse-order shard sets outside DVC.
+
+Kept apart from :mod:`pipeline.cli` (the stage commands); ``pipeline.cli`` mounts
+``orders_app`` under ``cop orders``. Every command calls the library and prints a summary.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+orders_app = typer.Typer(help="Reuse, compute and inspect collapse-order shard sets.",
+                         no_args_is_help=True)
+
+
+@orders_app.command("fetch")
+def orders_fetch(
+    source: Annotated[str, typer.Argument(help="folder, manifest URL (file://, https://) or brace pattern")],
+    dest: Annotated[Path, typer.Option(help="where to put the shard set")] = Path("data/orders-fetched"),
+) -> None:
+    """Download a published shard set: verify every sha256 and shard, then write the manifest."""
+    from pipeline.orders.fetch import fetch_orders
+
+    fetch_orders(source, dest, log=typer.echo)
+
+
+@orders_app.command("show")
+def orders_show(
+    orders: Annotated[Path, typer.Option(help="shard set folder")] = Path("data/orders/train"),
+    images: Annotated[Path, typer.Option(help="prepared image set folder")] = Path("data/images/train"),
+    keys: Annotated[Optional[list[str]], typer.Option("--key", "-k", help="image keys (repeatable)")] = None,
+    count: Annotated[int, typer.Option(help="images to draw when no key is given")] = 8,
+    out: Annotated[Path, typer.Option(help="output folder for PNGs")] = Path("data/plots/orders"),
+) -> None:
+    """Draw Fig. 4 (rank circles, top-64 path) and Fig. 5 (class heat maps) as PNGs."""
+    from pipeline.orders.viz import show_orders
+
+    for path in show_orders(orders, images, keys=keys, count=count, out=out):
+        typer.echo(str(path))
