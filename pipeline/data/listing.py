@@ -82,6 +82,15 @@ def _shards_split(pattern: str | None) -> dict[str, Any] | None:
     return out
 
 
+def source_listing_of(source: str | Path) -> dict[str, Any]:
+    """The listing of one folder (any layout) or one tar pattern (``cop orders compute``)."""
+    listing: dict[str, Any] = {"format": FORMAT, "source": str(source)}
+    listing["files"] = (_folder_split(Path(source)) if Path(source).is_dir()
+                        else _shards_split(str(source)))
+    listing["sha256"] = sha256_json(listing)
+    return listing
+
+
 def source_listing(cfg: DataConfig) -> dict[str, Any]:
     """The listing of ``cfg``'s source; ``["sha256"]`` digests all of it."""
     listing: dict[str, Any] = {"format": FORMAT, "source": cfg.source}

@@ -26,6 +26,31 @@ def orders_fetch(
     fetch_orders(source, dest, log=typer.echo)
 
 
+@orders_app.command("compute")
+def orders_compute(
+    images: Annotated[str, typer.Argument(help="folder of images (any layout; sub-folders become classes) "
+                                               "or a tar pattern such as 'shards/part-{0000..0009}.tar'")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder for the shard set (created)")],
+    comae: Annotated[Path, typer.Option(help="trained CoMAE folder")] = Path("data/comae"),
+    tokenizer: Annotated[Path, typer.Option(help="saved stand-in tokenizer folder, or a KL-16 checkpoint")
+                         ] = Path("data/latents/tokenizer"),
+    training_latents: Annotated[Path, typer.Option(
+        help="the CoMAE's training latents, to check the tokenizer against (skipped if absent)")
+    ] = Path("data/latents/train.zarr"),
+    params: Annotated[Path, typer.Option("--params", "-p", help="its 'orders' section is used if the file exists")
+                      ] = Path("params.yaml"),
+    batch_size: Annotated[int, typer.Option(help="images per tokenizer batch")] = 32,
+) -> None:
+    """Collapse orders for your own images with a trained CoMAE (no DVC graph; resumable)."""
+    from pipeline.config import OrdersConfig, load_params
+    from pipeline.orders.compute import compute_orders
+
+    cfg = load_params(params).orders if params.exists() else OrdersConfig()
+    compute_orders(images, out, comae=comae, tokenizer=tokenizer, training_latents=training_latents,
+                   orders_cfg=cfg, batch_size=batch_size, log=typer.echo)
+    typer.echo(f"next: cop orders show --orders {out}")
+
+
 @orders_app.command("show")
 def orders_show(
     orders: Annotated[Path, typer.Option(help="shard set folder")] = Path("data/orders/train"),
