@@ -54,13 +54,18 @@ def orders_compute(
 @orders_app.command("show")
 def orders_show(
     orders: Annotated[Path, typer.Option(help="shard set folder")] = Path("data/orders/train"),
-    images: Annotated[Path, typer.Option(help="prepared image set folder")] = Path("data/images/train"),
+    images: Annotated[Optional[Path], typer.Option(
+        help="prepared image set or raw image folder [default: the set's own: <orders>/.compute/images "
+             "or data/images/<split from the manifest>]")] = None,
     keys: Annotated[Optional[list[str]], typer.Option("--key", "-k", help="image keys (repeatable)")] = None,
     count: Annotated[int, typer.Option(help="images to draw when no key is given")] = 8,
-    out: Annotated[Path, typer.Option(help="output folder for PNGs")] = Path("data/plots/orders"),
+    top: Annotated[Optional[int], typer.Option(help="patches on the Fig. 4 path [default: a quarter of "
+                                                    "the grid, the paper's 64 of 256]")] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        help="output folder for PNGs [default: orders-pictures/<split>, outside DVC's outputs]")] = None,
 ) -> None:
-    """Draw Fig. 4 (rank circles, top-64 path) and Fig. 5 (class heat maps) as PNGs."""
+    """Draw Fig. 4 (rank circles, path of the top patches) and Fig. 5 (class heat maps) as PNGs."""
     from pipeline.orders.viz import show_orders
 
-    for path in show_orders(orders, images, keys=keys, count=count, out=out):
+    for path in show_orders(orders, images or "auto", keys=keys, count=count, out=out, top=top):
         typer.echo(str(path))
