@@ -85,6 +85,8 @@ def _finish(data_dir: Path, params: Params, results: dict[str, SplitResult]) -> 
         orders = CollapseOrders(data_dir / "orders" / split, verify=False)
         metrics["objectness"][split] = split_objectness(orders, ImageSet(data_dir / "images" / split))
     atomic_write_json(data_dir / "metrics" / "orders.json", metrics)
+    for r in results.values():
+        print(r.summary(), flush=True)
     show_orders(data_dir / "orders" / "train", data_dir / "images" / "train", count=PLOT_IMAGES,
                 out=data_dir / "plots" / "orders")
 

@@ -1,4 +1,4 @@
-"""The exported bytes do not depend on the intra-op thread count (issue 11).
+"""The exported bytes do not depend on the intra-op thread count (issue 11); the export summary.
 
 The single-query attention of CoMAE's last block once went through the fused CPU SDPA
 kernel, whose one-row path changes the last bits with the thread count: an export with 1
@@ -56,3 +56,11 @@ def test_resume_under_another_thread_count_gives_the_same_set(tmp_path: Path, th
     res = export_split(store, model, COMAE_ID, cfg, tmp_path / "mixed", "train")
     assert res.computed == 1
     assert set_bytes(tmp_path / "mixed") == set_bytes(tmp_path / "clean")
+
+
+def test_split_result_summary_reports_images_per_s() -> None:
+    from pipeline.orders.export import SplitResult
+
+    r = SplitResult("val", count=192, shards=2, computed=1, images_computed=64, seconds=8.0)
+    assert r.summary() == "orders val: 192 images in 2 shards (1 computed by this run, 64 images at 8.0 images/s)"
+    assert SplitResult("train", 10, 1, 0).summary() == "orders train: 10 images in 1 shards (0 computed by this run)"

@@ -71,6 +71,13 @@ class SplitResult:
     def images_per_s(self) -> float | None:
         return self.images_computed / self.seconds if self.seconds > 0 else None
 
+    def summary(self) -> str:
+        """One line for a person: what this run did for the split, and how fast."""
+        rate = (f", {self.images_computed} images at {self.images_per_s:.1f} images/s"
+                if self.images_per_s else "")
+        return (f"orders {self.split}: {self.count} images in {self.shards} shards "
+                f"({self.computed} computed by this run{rate})")
+
 
 # ----------------------------------------------------------------------------- maths
 
