@@ -15,6 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from pipeline.config import ParamsError, load_params, params_dict
+from pipeline.orders.cli import orders_app
 
 app = typer.Typer(
     name="cop",
@@ -23,8 +24,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-orders_app = typer.Typer(help="Reuse and inspect collapse-order shard sets.", no_args_is_help=True)
-app.add_typer(orders_app, name="orders")
+app.add_typer(orders_app, name="orders")  # cop orders fetch | compute | show (pipeline/orders/cli.py)
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params file to read")]
 SetOpt = Annotated[
@@ -45,6 +45,12 @@ def _run_stage(module: str, params_path: Path, overrides: list[str] | None, **kw
     params = _params(params_path, overrides)
     stage = importlib.import_module(f"stages.{module}")
     stage.run(params, **kwargs)
+
+
+@app.command("list-source")
+def list_source(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """List the image source (files, sizes, mtimes) into data/source.json for DVC."""
+    _run_stage("list_source", params, set_)
 
 
 @app.command()
@@ -111,32 +117,6 @@ def show_params(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) ->
     import yaml
 
     typer.echo(yaml.safe_dump(params_dict(_params(params, set_)), sort_keys=False))
-
-
-@orders_app.command("fetch")
-def orders_fetch(
-    source: Annotated[str, typer.Argument(help="folder, manifest URL (file://, https://) or brace pattern")],
-    dest: Annotated[Path, typer.Option(help="where to put the shard set")] = Path("data/orders-fetched"),
-) -> None:
-    """Download a published collapse-order shard set, checking every sha256."""
-    from pipeline.orders.fetch import fetch_orders
-
-    fetch_orders(source, dest)
-
-
-@orders_app.command("show")
-def orders_show(
-    orders: Annotated[Path, typer.Option(help="shard set folder")] = Path("data/orders/train"),
-    images: Annotated[Path, typer.Option(help="prepared image set folder")] = Path("data/images/train"),
-    keys: Annotated[Optional[list[str]], typer.Option("--key", "-k", help="image keys (repeatable)")] = None,
-    count: Annotated[int, typer.Option(help="images to draw when no key is given")] = 8,
-    out: Annotated[Path, typer.Option(help="output folder for PNGs")] = Path("data/plots/orders"),
-) -> None:
-    """Draw Fig. 4 (rank circles, top-64 path) and Fig. 5 (class heat maps) as PNGs."""
-    from pipeline.orders.viz import show_orders
-
-    for path in show_orders(orders, images, keys=keys, count=count, out=out):
-        typer.echo(str(path))
 
 
 def stage_entry(command: str) -> None:

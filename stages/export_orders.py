@@ -79,7 +79,8 @@ def _finish(data_dir: Path, params: Params, results: dict[str, SplitResult]) -> 
         "splits": {s: _split_metrics(r) for s, r in results.items()}, "baselines": reports})
     atomic_write_json(data_dir / "metrics" / "orders.json",
                       headline(reports.get("val"), results["val"].stats, speed))
-    print(f"[orders] {imgs} images in {secs:.0f} s ({speed or 0:.1f} images/s)", flush=True)
+    for r in results.values():
+        print(r.summary(), flush=True)
     show_orders(data_dir / "orders" / "train", data_dir / "images" / "train", count=PLOT_IMAGES,
                 out=data_dir / "plots" / "orders")
 

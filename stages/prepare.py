@@ -18,7 +18,7 @@ METRICS_PATH = Path("data/metrics/prepare.json")
 def run(params: Params) -> None:
     # imported here: data.num_workers spawns processes that re-import this module, and they
     # should not pay for torch (pulled in by the distributed helpers)
-    from pipeline.data.build import prepare_images
+    from pipeline.data.build import prepare_images, summary
     from pipeline.utils.dist import init_distributed
     from pipeline.utils.io import atomic_write_json
 
@@ -26,6 +26,7 @@ def run(params: Params) -> None:
     metrics = prepare_images(params, IMAGES_DIR, info)
     if info.is_main:
         atomic_write_json(METRICS_PATH, metrics)
+        print(summary(metrics), flush=True)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import shutil
 import http.server
 import threading
 from pathlib import Path
@@ -78,3 +79,54 @@ def test_truncated_and_tampered_named(published: Path, server: str, tmp_path: Pa
 def test_pattern_must_match_manifest(published: Path, tmp_path: Path) -> None:
     with pytest.raises(ShardError, match="lists 3"):
         fetch_orders(published.as_uri() + "/orders-{000000..000001}.tar", tmp_path / "p")
+
+
+def _add_member(shard: Path, name: str, data: bytes) -> None:
+    import io
+    import tarfile
+
+    buf = io.BytesIO(shard.read_bytes())
+    with tarfile.open(fileobj=buf, mode="a") as tar:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    shard.write_bytes(buf.getvalue())
+
+
+def test_manifest_written_only_after_every_shard_validated(published: Path, tmp_path: Path) -> None:
+    """A shard whose sha256 matches the manifest but holds a forbidden member: the fetch fails
+    and leaves no manifest, so the folder never opens as a finished set (issue 11)."""
+    import json
+
+    from pipeline.utils.io import sha256_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(published, bad)
+    shard = bad / "orders-000002.tar"
+    _add_member(shard, "../../evil.npy", b"x" * 10)
+    m = json.loads((bad / "manifest.json").read_text())
+    m["shards"][2].update(sha256=sha256_file(shard), bytes=shard.stat().st_size)
+    (bad / "manifest.json").write_text(json.dumps(m))
+    dest = tmp_path / "dest"
+    fetch_orders(published, dest)  # a good, complete set there first
+    with pytest.raises(ShardError, match=r"orders-000002\.tar.*unexpected member"):
+        fetch_orders(bad, dest)
+    assert not (dest / "manifest.json").exists()
+    with pytest.raises(ShardError, match="no manifest.json"):
+        CollapseOrders(dest)
+    # the source fixed: the same destination resumes and completes
+    lines: list[str] = []
+    fetch_orders(published, dest, log=lines.append)
+    assert set_bytes(dest) == set_bytes(published)
+    text = "\n".join(lines)
+    assert "fetched 1 and kept 4 already present of 5 files (3 shards, 2 class-order files" in text, text
+    assert "9 keys" in text and "permutations of 0..15" in text and "manifest.json last" in text
+
+
+def test_fetch_drops_files_of_an_earlier_set(published: Path, tmp_path: Path) -> None:
+    dest = tmp_path / "d"
+    dest.mkdir()
+    (dest / "orders-000007.tar").write_bytes(b"stale")
+    (dest / "notes.txt").write_text("mine")
+    fetch_orders(published, dest)
+    assert not (dest / "orders-000007.tar").exists() and (dest / "notes.txt").exists()

@@ -55,3 +55,53 @@ def test_pngs(tmp_path: Path) -> None:
     for q in (p, *paths):
         with Image.open(q) as im:
             assert im.format == "PNG" and min(im.size) > 100
+
+
+def _raw_folder_for(keys: list[str], root: Path) -> Path:
+    """Raw photos named like the set's keys (c0/img_0000 -> root/c0/img_0000.png), 48x40 px."""
+    rng = np.random.default_rng(1)
+    for k in keys:
+        (root / k).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((rng.random((40, 48, 3)) * 255).astype(np.uint8)).save(root / f"{k}.png")
+    return root
+
+
+def test_show_defaults_outside_dvc_outputs_split_from_manifest_raw_folder(tmp_path: Path, monkeypatch) -> None:
+    """`cop orders show` (issue 11): default output outside data/, the manifest's split picks
+    data/images/<split>, a raw folder works too, and an 8x8 grid gets a 16-patch path."""
+    import matplotlib.axes
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from pipeline.config import DataConfig
+    from pipeline.data.build import prepare_source
+    from pipeline.orders.viz import path_length
+
+    monkeypatch.setenv("COP_NO_PROGRESS", "1")
+    monkeypatch.chdir(tmp_path)
+    store = make_store(tmp_path / "lat.zarr", n=4, grid=8, dim=4)
+    torch_model = tiny_comae(store.grid, store.dim)
+    export_split(store, torch_model, COMAE_ID, CFG, tmp_path / "data/orders/val", "val")
+    raw = _raw_folder_for(store.keys, tmp_path / "photos")
+    prepare_source(raw, tmp_path / "data/images/val", DataConfig(crop_size=64), split="val")
+    lines: list[int] = []
+    real_plot = matplotlib.axes.Axes.plot
+
+    def plot(self, x, *a, **k):
+        lines.append(len(x))
+        return real_plot(self, x, *a, **k)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", plot)
+    r = CliRunner().invoke(app, ["orders", "show", "--orders", "data/orders/val", "--count", "2"])
+    assert r.exit_code == 0, r.output
+    written = sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "orders-pictures").rglob("*.png"))
+    assert written == ["orders-pictures/val/fig4_c0_img_0000.png", "orders-pictures/val/fig4_c2_img_0002.png",
+                       "orders-pictures/val/fig5_classes.png"], written
+    assert not (tmp_path / "data/plots").exists()
+    assert lines == [16, 16] and path_length(256) == 64  # a quarter of the grid, as the paper's 64/256
+    # a raw image folder, cropped as the latents were (crop size from the manifest)
+    paths = show_orders(tmp_path / "data/orders/val", raw, keys=[store.keys[1]], out=tmp_path / "raw", top=5)
+    assert [p.name for p in paths] == [f"fig4_{store.keys[1].replace('/', '_')}.png", "fig5_classes.png"]
+    assert lines[-1] == 5
+    with pytest.raises(KeyError, match="no image for key"):
+        show_orders(tmp_path / "data/orders/val", tmp_path / "data/orders", keys=[store.keys[0]], out=tmp_path / "x")

@@ -143,3 +143,28 @@ def test_flip_permutation() -> None:
     f = flip_permutation(3)
     assert f.tolist() == [2, 1, 0, 5, 4, 3, 8, 7, 6]
     assert (f[f] == np.arange(9)).all()
+
+
+def _bad_graphs() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    base = rng.random((6, 6))
+    np.fill_diagonal(base, 0)
+    nan, inf, neg, overflow = base.copy(), base.copy(), base.copy(), base.copy()
+    nan[2, 3] = np.nan
+    inf[4, 1] = np.inf
+    neg[0, 5] = -0.1
+    overflow[1, :2] = 1.5e308  # every entry finite, the row's sum is not
+    return {"nan": nan, "inf": inf, "negative": neg, "overflow": overflow}
+
+
+@pytest.mark.parametrize("kind", ["nan", "inf", "negative", "overflow"])
+@pytest.mark.parametrize("topk", [None, 2])  # sparsifying must not hide a NaN it drops
+def test_both_backends_reject_non_finite_input_alike(kind: str, topk: int | None) -> None:
+    A = _bad_graphs()[kind]
+    with pytest.raises(ValueError, match="A must be finite and non-negative") as e_torch:
+        pagerank_torch(torch.from_numpy(A), topk=topk)
+    with pytest.raises(ValueError, match="A must be finite and non-negative") as e_dense:
+        pagerank_scipy(A, topk=topk)
+    with pytest.raises(ValueError, match="A must be finite and non-negative") as e_sparse:
+        pagerank_scipy(sp.csr_array(A), topk=topk)
+    assert str(e_torch.value) == str(e_dense.value) == str(e_sparse.value)

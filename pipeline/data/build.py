@@ -11,10 +11,11 @@ passes: every source tar is decoded and cropped into a key-sorted staging run
 (``.staging/run-XXXXXX.tar``, itself resumable per source tar), then the runs are merged in
 key order into the output shards by copying encoded bytes, and ``.staging`` is removed.
 
-Fingerprint = sha256 of (format, ``params.data`` without ``num_workers``, ``params.seed``).
+Fingerprint = sha256 of (format, ``params.data`` without ``num_workers``, ``params.seed``,
+and for a folder or tar source the digest of its listing, :mod:`pipeline.data.listing`).
 It is kept in ``data/images/.fingerprint`` and in each ``index.json``; a different
-fingerprint clears the output folder. (A changed folder listing under the same params is
-detected while a split is incomplete, through the plan hash; a complete split is trusted.)
+fingerprint clears the output folder, so files added, removed or changed in the source
+rebuild the set instead of leaving a complete split trusted.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ from typing import Any, Callable, Sequence
 
 from pipeline.config import DataConfig, Params, params_dict
 from pipeline.data.imageset import FORMAT, IMAGE_EXT, ShardResult, shard_name, write_index
-from pipeline.data.sources import Entry, Plan, expand_urls, imagefolder_classes, imagefolder_plan, skip
+from pipeline.data.listing import source_listing, source_listing_of
+from pipeline.data.sources import (Entry, Plan, expand_urls, folder_plan, imagefolder_classes, imagefolder_plan,
+                                   skip)
 from pipeline.data.synthetic import class_names, synthetic_keys
 from pipeline.data.units import (  # noqa: F401 - PrepareError is part of this module's API
     Encoding, FileLoader, PrepareError, ShardJob, StagedLoader, StageJob, SyntheticLoader, build_shard, call_job,
@@ -41,10 +44,13 @@ from pipeline.utils.progress import progress
 SPLITS = ("train", "val")
 
 
-def fingerprint(params: Params) -> str:
+def fingerprint(params: Params, listing_sha256: str | None = None) -> str:
     data = params_dict(params.data)
     data.pop("num_workers", None)  # parallelism never changes the bytes written
-    return sha256_json({"format": FORMAT, "data": data, "seed": params.seed})
+    what: dict[str, Any] = {"format": FORMAT, "data": data, "seed": params.seed}
+    if listing_sha256 is not None:  # absent for synthetic: its params say it all
+        what["listing"] = listing_sha256
+    return sha256_json(what)
 
 
 def run_jobs(fn: Callable, jobs: Sequence[Any], workers: int, desc: str, total: int | None) -> None:
@@ -124,14 +130,14 @@ def _write_shards(split_dir: Path, plan: Plan, loader: Any, cfg: DataConfig, fp:
 
 
 def _stage_webdataset(split_dir: Path, urls: list[str], cfg: DataConfig, info: DistInfo,
-                      split: str) -> list[dict[str, Any]]:
+                      split: str, default_label: int | None = None) -> list[dict[str, Any]]:
     staging = split_dir / ".staging"
     if info.is_main:
         _clean_tmp(staging)
     barrier()
     enc = Encoding.from_config(cfg)
-    jobs = [StageJob(url, staging / f"run-{r:06d}.tar", staging / f"run-{r:06d}.json", enc, cfg.strict)
-            for r, url in enumerate(urls)]
+    jobs = [StageJob(url, staging / f"run-{r:06d}.tar", staging / f"run-{r:06d}.json", enc, cfg.strict,
+                     default_label) for r, url in enumerate(urls)]
     mine = [jobs[u] for u in units_for_rank(len(jobs), info)]
     todo = [j for j in mine if not _part_complete(j.part, j.path)]
     run_jobs(stage_run, todo, cfg.num_workers, f"prepare {split} (decode)", total=None)
@@ -188,6 +194,12 @@ def prepare_split(split: str, cfg: DataConfig, out_dir: Path, fp: str, classes: 
         if classes is None:
             classes = [str(i) for i in range(max((e.label for e in plan.entries), default=-1) + 1)]
         loader = StagedLoader(split_dir / ".staging", tuple(runs))
+    return _build_split(split_dir, split, plan, loader, classes or [], cfg, fp, info, desc)
+
+
+def _build_split(split_dir: Path, split: str, plan: Plan, loader: Any, classes: list[str], cfg: DataConfig,
+                 fp: str, info: DistInfo, desc: str) -> dict[str, Any]:
+    """Plan -> shards -> index.json (written last); return the index on every rank."""
     if cfg.strict and plan.skipped:
         raise strict_error(plan.skipped[0])
     results = _write_shards(split_dir, plan, loader, cfg, fp, info, desc)
@@ -198,6 +210,45 @@ def prepare_split(split: str, cfg: DataConfig, out_dir: Path, fp: str, classes: 
         shutil.rmtree(split_dir / ".staging", ignore_errors=True)
     barrier()
     return read_json(split_dir / "index.json")
+
+
+def prepare_source(source: str | Path, split_dir: str | Path, cfg: DataConfig, split: str = "images",
+                   info: DistInfo | None = None) -> dict[str, Any]:
+    """One prepared split from a folder of images (any layout) or a tar pattern, labels optional
+    (``cop orders compute``); same shards, index and resume as ``prepare``. ``cfg`` gives the
+    crop and encoding (its ``source``/``root``/``*_urls`` are ignored). Returns the index."""
+    split_dir = Path(split_dir)
+    info = info or get_dist()
+    source = str(source)
+    listing = source_listing_of(source)
+    data = params_dict(cfg)
+    for k in ("num_workers", "source", "root", "train_urls", "val_urls", "synthetic"):
+        data.pop(k, None)
+    fp = sha256_json({"format": FORMAT, "source": source, "listing": listing["sha256"], "data": data})
+    if split_complete(split_dir, fp):
+        return read_json(split_dir / "index.json")
+    if info.is_main:
+        marker = split_dir / ".fingerprint"
+        if split_dir.exists() and (not marker.exists() or marker.read_text().strip() != fp):
+            shutil.rmtree(split_dir)  # made from another source or crop: start over
+        split_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(marker, fp + "\n")
+    barrier()
+    desc = f"prepare {split}"
+    if Path(source).is_dir():
+        plan = folder_plan(source)
+        classes = plan.identity["classes"]
+        loader: Any = FileLoader(Encoding.from_config(cfg))
+    else:
+        urls = expand_urls(source)
+        runs = _stage_webdataset(split_dir, urls, cfg, info, split, default_label=0)
+        plan = _merge_plan(runs, urls, None)
+        classes = [str(i) for i in range(max((e.label for e in plan.entries), default=0) + 1)]
+        loader = StagedLoader(split_dir / ".staging", tuple(runs))
+    if not plan.entries:
+        raise PrepareError(f"{source}: no usable image (skipped: "
+                           f"{dict(Counter(s['reason'] for s in plan.skipped))})")
+    return _build_split(split_dir, split, plan, loader, classes, cfg, fp, info, desc)
 
 
 def _reset_output(out_dir: Path, fp: str, info: DistInfo) -> None:
@@ -225,7 +276,8 @@ def prepare_images(params: Params, out_dir: str | Path = "data/images", info: Di
     out_dir = Path(out_dir)
     info = info or get_dist()
     cfg = params.data
-    fp = fingerprint(params)
+    listing = None if cfg.source == "synthetic" else source_listing(cfg)
+    fp = fingerprint(params, listing and listing["sha256"])
     _reset_output(out_dir, fp, info)
     classes: list[str] | None = None
     metrics: dict[str, Any] = {"format": FORMAT, "source": cfg.source, "crop_size": cfg.crop_size,
@@ -237,3 +289,17 @@ def prepare_images(params: Params, out_dir: str | Path = "data/images", info: Di
     metrics["classes"] = classes
     metrics["num_classes"] = len(classes or [])
     return metrics
+
+
+def summary(metrics: dict[str, Any]) -> str:
+    """What ``prepare`` made, for a person: images per split and skips by reason."""
+    lines = []
+    for split, m in metrics["splits"].items():
+        reasons = ", ".join(f"{n} {r}" for r, n in m["skipped_by_reason"].items())
+        skipped = f"{m['skipped']} skipped ({reasons})" if m["skipped"] else "0 skipped"
+        lines.append(f"prepare {split}: {m['count']} images in {m['shards']} shards, {skipped}")
+    lines.append(f"prepare: {metrics['num_classes']} classes, {metrics['crop_size']} px crops "
+                 f"from {metrics['source']}"
+                 + ("; skipped inputs are listed in <split>/skipped.jsonl" if any(
+                     m["skipped"] for m in metrics["splits"].values()) else ""))
+    return "\n".join(lines)

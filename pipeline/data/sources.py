@@ -79,7 +79,7 @@ def _dedupe(entries: list[tuple[str, int, str, str]]) -> tuple[list[Entry], list
 # ----------------------------------------------------------------------------- image folder
 
 
-def _walk_images(folder: Path) -> list[str]:
+def walk_images(folder: Path) -> list[str]:
     """Relative POSIX paths of image files under ``folder`` (broken symlinks included: they
     are inputs that fail to load, and must be reported, not silently ignored)."""
     found = []
@@ -145,7 +145,7 @@ def imagefolder_plan(root: str | Path, split: str, classes: list[str]) -> Plan:
     if not split_dir.is_dir():
         raise FileNotFoundError(f"data.root: {split_dir} is not a folder")
     class_index = {c: i for i, c in enumerate(classes)}
-    rels = _walk_images(split_dir)
+    rels = walk_images(split_dir)
     flat = split == "val" and any("/" not in r for r in rels)
     raw: list[tuple[str, int, str, str]] = []
     skipped: list[dict[str, str]] = []
@@ -179,6 +179,33 @@ def imagefolder_plan(root: str | Path, split: str, classes: list[str]) -> Plan:
     return Plan(entries, skipped + dups, identity)
 
 
+# ----------------------------------------------------------------------------- any folder
+
+UNFILED_CLASS = "(unfiled)"
+
+
+def folder_plan(root: str | Path) -> Plan:
+    """Every image file under ``root``, any layout (``cop orders compute``: no split folders,
+    labels optional). A file in a sub-folder takes its top-level folder as its class; files
+    directly in ``root`` get the class ``(unfiled)``. Keys as in the image-folder source."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a folder of images")
+    rels = walk_images(root)
+    if not rels:
+        raise ValueError(f"{root} holds no image files (extensions: {', '.join(sorted(IMAGE_EXTS))})")
+    classes = sorted({r.split("/", 1)[0] for r in rels if "/" in r})
+    if any("/" not in r for r in rels):
+        classes.append(UNFILED_CLASS)
+    index = {c: i for i, c in enumerate(classes)}
+    raw = [(normalize_key(r.rsplit(".", 1)[0]), index[r.split("/", 1)[0] if "/" in r else UNFILED_CLASS],
+            str(root / r), r) for r in rels]
+    entries, dups = _dedupe(raw)
+    identity = {"kind": "folder", "root": str(root), "files": len(rels), "classes": classes,
+                "listing_sha256": _listing_sha(root, rels)}
+    return Plan(entries, dups, identity)
+
+
 # ----------------------------------------------------------------------------- webdataset
 
 
@@ -201,9 +228,12 @@ class WdsSample:
     error: dict[str, str] | None = None
 
 
-def iter_webdataset(url: str, on_error: Callable[[dict[str, str]], None]) -> Iterator[WdsSample]:
+def iter_webdataset(url: str, on_error: Callable[[dict[str, str]], None],
+                    default_label: int | None = None) -> Iterator[WdsSample]:
     """Samples of one shard; shard-level read errors (missing file, truncated tar) go to
-    ``on_error`` as ``bad_shard`` and end or skip the damaged part, as webdataset allows."""
+    ``on_error`` as ``bad_shard`` and end or skip the damaged part, as webdataset allows.
+    ``default_label``: the label of a sample without ``cls`` (unlabelled sets, for
+    ``cop orders compute``); None makes it a ``missing_label`` skip."""
     import webdataset as wds
 
     reported = False
@@ -227,6 +257,9 @@ def iter_webdataset(url: str, on_error: Callable[[dict[str, str]], None]) -> Ite
             yield WdsSample(key, source, error=skip(source, "no_image", f"members {members}"))
             continue
         cls = sample.get("cls")
+        if cls is None and default_label is not None:
+            yield WdsSample(key, source, label=default_label, image=bytes(sample[ext]))
+            continue
         if cls is None:
             yield WdsSample(key, source, error=skip(source, "missing_label", "no .cls member"))
             continue

@@ -140,6 +140,7 @@ class StageJob:
     part: Path
     enc: Encoding
     strict: bool
+    default_label: int | None = None  # label of a sample without .cls (None: skip it)
 
     def __len__(self) -> int:
         return 0  # unknown until read
@@ -150,7 +151,7 @@ def stage_run(job: StageJob, tick: Tick | None = None) -> ShardResult:
     errors: list[dict[str, str]] = []
     records: dict[str, Record] = {}
     skipped: list[dict[str, str]] = []
-    for s in iter_webdataset(job.url, errors.append):
+    for s in iter_webdataset(job.url, errors.append, job.default_label):
         if job.strict and errors:
             raise strict_error(errors[0])
         bad = s.error

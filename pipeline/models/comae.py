@@ -174,7 +174,10 @@ def _cls_only_block(blk: Block, x: Tensor, rope: RopeTables) -> Tensor:
     cos, sin = rope
     q = apply_rope(q, (cos[:, :1], sin[:, :1])).to(v.dtype)
     k = apply_rope(k, rope).to(v.dtype)
-    o = F.scaled_dot_product_attention(q, k, v)  # [S, H, 1, hd]
+    # One query row: softmax(q kᵀ / √hd) v written out. The fused CPU SDPA kernel's
+    # single-query path changes the last bits with the intra-op thread count, which made
+    # exported scores depend on it; these matmuls are row-local (docs/architecture.md).
+    o = (q @ k.transpose(-2, -1)).mul_(hd ** -0.5).softmax(-1) @ v  # [S, H, 1, hd]
     h = x[:, 0] + attn.proj(o.reshape(S, C))  # [S, C]
     return h + blk.mlp(blk.norm2(h))
 

@@ -71,6 +71,13 @@ class SplitResult:
     def images_per_s(self) -> float | None:
         return self.images_computed / self.seconds if self.seconds > 0 else None
 
+    def summary(self) -> str:
+        """One line for a person: what this run did for the split, and how fast."""
+        rate = (f", {self.images_computed} images at {self.images_per_s:.1f} images/s"
+                if self.images_per_s else "")
+        return (f"orders {self.split}: {self.count} images in {self.shards} shards "
+                f"({self.computed} computed by this run{rate})")
+
 
 # ----------------------------------------------------------------------------- maths
 
@@ -189,9 +196,17 @@ def fields_for(cfg: OrdersConfig) -> list[str]:
 
 def export_fingerprint(store: Any, comae_identity: Any, cfg: OrdersConfig, device: torch.device,
                        amp: torch.dtype) -> str:
-    """Everything that decides the shard bytes; a change means rebuilding, not resuming."""
+    """Everything that decides the shard bytes; a change means rebuilding, not resuming.
+
+    The thread count is not in it: the bytes do not depend on it (tests/test_orders_threads.py).
+    Kernels do differ between torch builds and CPU instruction sets, so a run resumed on
+    another build or CPU kind starts over instead of mixing shards.
+    """
+    kernels = {"torch": torch.__version__,
+               "cpu": torch.backends.cpu.get_cpu_capability() if device.type == "cpu" else None}
     return sha256_json({"format": FORMAT, "latents": store.identity, "comae": comae_identity,
-                        "params": params_dict(cfg), "device": device.type, "amp": str(amp)})
+                        "params": params_dict(cfg), "device": device.type, "amp": str(amp),
+                        "kernels": kernels})
 
 
 def _shard_ok(path: Path, keys: Sequence[str], fields: Sequence[str], N: int) -> bool:

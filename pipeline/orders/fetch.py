@@ -10,8 +10,9 @@
 
 Downloads go to a temporary name and are renamed only after their sha256 matched, so ``dest``
 never holds an unverified shard; files already in ``dest`` with the right hash are kept
-(a fetch resumes). The manifest is written last. Then every shard is parsed and validated
-(permutations, dtypes, shapes) by the reader.
+(a fetch resumes). Then every shard is parsed and validated (members, permutations, dtypes,
+shapes) as the reader does, and only then is the manifest written: a failed fetch leaves a
+folder without one, which no reader opens as a finished set.
 
 With DVC, the same set can be taken from a repository that tracks it::
 
@@ -30,10 +31,12 @@ import re
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Callable
 
-from pipeline.orders.shards import MANIFEST, CollapseOrders, ShardError, check_manifest
+from pipeline.orders.shards import (CLASS_ORDERS, CLASS_SCORES, MANIFEST, CollapseOrders, ShardError,
+                                    check_manifest)
 from pipeline.utils.io import atomic_path, atomic_write_bytes, sha256_file
+from pipeline.utils.progress import progress
 
 _SHARD_RE = re.compile(r"orders-\d{6}\.tar")
 _MAX_MANIFEST = 1 << 30  # a manifest lists keys; 1 GiB is far beyond ImageNet's
@@ -128,8 +131,16 @@ def _copy_verified(src: str, dest: Path, digest: str, size: int | None, name: st
         out.flush()
 
 
-def fetch_orders(source: str | Path, dest: str | Path) -> Path:
-    """Fetch ``source`` into ``dest`` (a folder) and return it; raises naming any bad shard."""
+def fetch_orders(source: str | Path, dest: str | Path,
+                 log: Callable[[str], None] | None = None) -> Path:
+    """Fetch ``source`` into ``dest`` (a folder) and return it; raises naming any bad shard.
+
+    Order of work: every file is copied (or kept) only after its sha256 matched, then every
+    shard is parsed and validated exactly as ``CollapseOrders`` reads it (members, dtypes,
+    shapes, permutations), and only then is ``manifest.json`` written. A fetch that fails at
+    any point leaves ``dest`` without a manifest, so it never opens as a finished set.
+    ``log`` receives a short summary of what was fetched and verified.
+    """
     source, dest = str(source), Path(dest)
     base, wanted = _locate(source)
     manifest, raw = _read_manifest(base)
@@ -145,19 +156,46 @@ def fetch_orders(source: str | Path, dest: str | Path) -> Path:
     for key in ("orders", "scores"):
         if co.get(key):
             fname = co[key]
-            if fname not in ("class_orders.npy", "class_scores.npy"):
+            if fname not in (CLASS_ORDERS, CLASS_SCORES):
                 raise ShardError(f"manifest at {base} names an unexpected file {fname!r}")
             files.append((fname, co[f"{key}_sha256"], None))
 
     dest.mkdir(parents=True, exist_ok=True)
     (dest / MANIFEST).unlink(missing_ok=True)  # unfinished until the manifest lands
-    for name, digest, size in files:
-        target = dest / name
-        if target.exists() and sha256_file(target) == digest:
-            continue  # resumed fetch: already here and intact
-        _copy_verified(_join(base, name), target, digest, size, name)
+    listed = {name for name, _, _ in files}
+    ours = lambda name: bool(_SHARD_RE.fullmatch(name)) or name in (CLASS_ORDERS, CLASS_SCORES)  # noqa: E731
+    for old in dest.iterdir():  # files of an earlier, different set are not part of this one
+        if old.name not in listed and ours(old.name):
+            old.unlink()
+    kept = fetched = nbytes = 0
+    bar = progress(total=len(files), desc="fetch", unit="file")
+    try:
+        for name, digest, size in files:
+            target = dest / name
+            if target.exists() and sha256_file(target) == digest:
+                kept += 1  # resumed fetch: already here and intact
+            else:
+                _copy_verified(_join(base, name), target, digest, size, name)
+                fetched += 1
+            nbytes += target.stat().st_size
+            bar.update(1)
+    finally:
+        bar.close()
+    # Shards are untrusted: parse and validate every one (hashes were checked while copying)
+    # against the manifest held in memory; class orders are checked when the reader opens.
+    reader = CollapseOrders(dest, verify=False, cache_shards=1, manifest=manifest)
+    bar = progress(total=len(entries), desc="verify", unit="shard")
+    try:
+        reader.validate_all(on_shard=lambda _name: bar.update(1))
+    finally:
+        bar.close()
     atomic_write_bytes(dest / MANIFEST, raw)
-    # Shards are untrusted: parse and validate every one (hashes were checked while copying).
-    CollapseOrders(dest, verify=False, cache_shards=1).validate_all()
+    if log is not None:
+        extra = f", {len(files) - len(entries)} class-order files" if len(files) > len(entries) else ""
+        log(f"fetched {fetched} and kept {kept} already present of {len(files)} files "
+            f"({len(entries)} shards{extra}; {nbytes / 1e6:.1f} MB) from {base}")
+        log(f"verified: sha256 of every file; every shard parsed: {manifest['count']} keys x "
+            f"{', '.join(manifest['fields'])}, orders are permutations of 0..{manifest['num_tokens'] - 1}, "
+            "dtypes and shapes as the manifest says, no unexpected tar members")
+        log(f"wrote {dest / MANIFEST} last: the set is complete")
     return dest
-

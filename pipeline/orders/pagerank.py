@@ -29,6 +29,18 @@ class PageRankNotConverged(RuntimeError):
     """Power iteration hit ``max_iter`` before the tolerance (networkx raises here too)."""
 
 
+# One message for both backends: NaN/inf in A, or a row whose float64 sum overflows, would
+# otherwise end in "did not converge" (NaN) or in scores that do not sum to 1 (inf).
+BAD_INPUT = "A must be finite and non-negative (NaN, inf, a negative entry or a row whose sum overflows)"
+
+
+def _check_row_sums(row_sums: Any, min_entry: Any) -> None:
+    """Reject bad A from its float64 row sums (NaN/inf in a row make its sum non-finite) and
+    its smallest entry: cheaper than a full ``isfinite`` pass over A."""
+    if not bool(np.isfinite(np.asarray(row_sums)).all()) or bool(min_entry < 0):
+        raise ValueError(BAD_INPUT)
+
+
 # ----------------------------------------------------------------------------- helpers
 
 
@@ -88,14 +100,14 @@ def pagerank_torch(
         raise ValueError(f"A must be [B, N, N], got {tuple(A.shape)}")
     # A private float64 copy: normalised in place below, the caller's tensor is untouched.
     A = A.detach().to(torch.float64, copy=True)
-    A = sparsify_topk(A, topk)
+    out_w = A.sum(-1, keepdim=True)  # [B, N, 1]
+    # Checked before sparsifying, which could drop a NaN and hide it.
+    _check_row_sums(out_w.cpu().numpy(), A.amin().item() if A.numel() else 0.0)
+    if topk is not None:
+        A = sparsify_topk(A, topk)
+        out_w = A.sum(-1, keepdim=True)
     B, N, _ = A.shape
     dev = A.device
-    out_w = A.sum(-1, keepdim=True)  # [B, N, 1]
-    # Cheap checks (a full isfinite pass costs more than the iterations): NaN/inf in a row
-    # make its sum non-finite.
-    if not torch.isfinite(out_w).all() or A.amin() < 0:
-        raise ValueError("A must be finite and non-negative")
 
     p = (torch.full((B, N), 1.0 / N, dtype=torch.float64, device=dev) if teleport is None
          else _normalise(teleport.to(dev, torch.float64).expand(B, N), "teleport"))
@@ -150,14 +162,16 @@ def pagerank_scipy(
     """PageRank of one graph given as a dense ``[N, N]`` array or a ``scipy.sparse`` matrix."""
     if not 0.0 < damping < 1.0:
         raise ValueError(f"damping must lie in (0, 1), got {damping}")
-    if topk is not None:
-        A = sparsify_topk(A.toarray() if sp.issparse(A) else np.asarray(A, dtype=np.float64), topk)
     M = sp.csr_array(A, dtype=np.float64)
     N = M.shape[0]
     if M.shape != (N, N):
         raise ValueError(f"A must be square, got {M.shape}")
-    if M.nnz and (M.data < 0).any():
-        raise ValueError("A must be non-negative")
+    # Checked before sparsifying, which could drop a NaN and hide it.
+    with np.errstate(over="ignore", invalid="ignore"):  # reported just below, as ValueError
+        row_sums = M.sum(axis=1)
+    _check_row_sums(row_sums, M.data.min() if M.nnz else 0.0)
+    if topk is not None:
+        M = sp.csr_array(sparsify_topk(M.toarray(), topk))
     S = np.asarray(M.sum(axis=1)).ravel()
     inv = np.zeros_like(S)
     inv[S != 0] = 1.0 / S[S != 0]

@@ -17,7 +17,7 @@ import io
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -207,12 +207,18 @@ class CollapseOrders:
     """
 
     def __init__(self, path: str | Path, expected_identity: Any = None, allow_mismatch: bool = False,
-                 verify: bool = True, cache_shards: int = 8) -> None:
+                 verify: bool = True, cache_shards: int = 8, manifest: dict[str, Any] | None = None
+                 ) -> None:
         self.path = Path(path)
         mpath = self.path / MANIFEST
-        if not mpath.exists():
+        if manifest is not None:
+            # A manifest not yet written beside the shards: fetch validates a set this way
+            # before it writes the manifest, so a set that fails never opens as finished.
+            self.manifest = check_manifest(manifest, str(mpath))
+        elif not mpath.exists():
             raise ShardError(f"{self.path}: no {MANIFEST} (not a shard set, or its export is unfinished)")
-        self.manifest = check_manifest(read_json(mpath), str(mpath))
+        else:
+            self.manifest = check_manifest(read_json(mpath), str(mpath))
         m = self.manifest
         self.keys: list[str] = list(m["keys"])
         self.labels = np.asarray(m["labels"], dtype=np.int64)
@@ -243,10 +249,13 @@ class CollapseOrders:
                 raise ShardError(f"shard {s['name']} in {self.path} fails its sha256 check "
                                  "(truncated or modified); re-fetch or re-export it")
 
-    def validate_all(self) -> None:
-        """Parse every shard: member names, dtypes, shapes, and that every order is a permutation."""
-        for u in range(len(self.manifest["shards"])):
+    def validate_all(self, on_shard: Callable[[str], None] | None = None) -> None:
+        """Parse every shard: member names, dtypes, shapes, and that every order is a permutation.
+        ``on_shard(name)`` is called after each shard passed (progress)."""
+        for u, s in enumerate(self.manifest["shards"]):
             self._shard(u)
+            if on_shard is not None:
+                on_shard(s["name"])
 
     def _load_class_orders(self) -> tuple[np.ndarray | None, np.ndarray | None]:
         co = self.manifest.get("class_orders")

@@ -1,8 +1,9 @@
 """Pictures of collapse orders: the paper's Fig. 4 (per image) and Fig. 5 (per class), as PNGs.
 
 - Fig. 4, one file per image: left, a circle on every patch whose size grows with its collapse
-  rank (rank 0 = largest); right, the top-64 patches joined by a line in collapse order (the
-  first one marked).
+  rank (rank 0 = largest); right, the top patches joined by a line in collapse order (the
+  first one marked): the paper's top-64 of 256, i.e. a quarter of the grid by default (16 of
+  an 8x8 grid; drawing "top-64" there would join every patch).
 - Fig. 5, one file for the set: per class, a heat map of its images' orders (rows = images,
   columns = rank, colour = patch index: vertical lines = patches that many images put at the
   same rank), and the class's mean-score map on the patch grid.
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import matplotlib
 
@@ -22,8 +23,9 @@ import numpy as np  # noqa: E402
 
 from pipeline.orders.shards import CollapseOrders  # noqa: E402
 
-TOP = 64
+TOP_SHARE = 4  # path length = N / 4: the paper's 64 of a 16x16 grid
 MAX_CLASSES = 8
+DEFAULT_OUT = Path("orders-pictures")  # outside data/: DVC outputs are the stages' alone
 MAX_ROWS = 32
 
 
@@ -36,7 +38,12 @@ def _centres(grid: int, H: int, W: int) -> tuple[np.ndarray, np.ndarray]:
     return (n % grid + 0.5) * W / grid, (n // grid + 0.5) * H / grid
 
 
-def fig4(image: np.ndarray, order: np.ndarray, grid: int, out: Path, title: str = "") -> Path:
+def path_length(num_tokens: int) -> int:
+    return max(1, num_tokens // TOP_SHARE)
+
+
+def fig4(image: np.ndarray, order: np.ndarray, grid: int, out: Path, title: str = "",
+         top: int | None = None) -> Path:
     H, W = image.shape[:2]
     N = grid * grid
     xs, ys = _centres(grid, H, W)
@@ -50,7 +57,7 @@ def fig4(image: np.ndarray, order: np.ndarray, grid: int, out: Path, title: str 
     axes[0].imshow(image)
     axes[0].scatter(xs, ys, s=area, facecolors="none", edgecolors="yellow", linewidths=1.0)
     axes[0].set_title("collapse rank (circle size)")
-    top = order[: min(TOP, N)]
+    top = order[: min(top or path_length(N), N)]
     axes[1].imshow(image)
     axes[1].plot(xs[top], ys[top], "-", color="cyan", linewidth=1.2, alpha=0.9)
     axes[1].scatter(xs[top], ys[top], s=8, c=np.arange(top.size), cmap="autumn", zorder=3)
@@ -105,21 +112,70 @@ def pick_keys(orders: CollapseOrders, count: int) -> list[str]:
     return [orders.keys[i] for i in idx]
 
 
-def show_orders(orders: str | Path | CollapseOrders, images: str | Path | None,
-                keys: Sequence[str] | None = None, count: int = 8,
-                out: str | Path = "data/plots/orders") -> list[Path]:
-    """Write Fig. 4 for the chosen images (needs the image set) and Fig. 5; return the paths."""
+class _RawImages:
+    """A folder of raw images looked up by shard-set key (the relative path without extension,
+    dots -> ``_``, as prepare and ``cop orders compute`` name them), center-cropped as they
+    were for the orders."""
+
+    def __init__(self, root: Path, crop_size: int) -> None:
+        from pipeline.data.sources import normalize_key, walk_images
+
+        self.root, self.crop_size = root, crop_size
+        self._paths = {normalize_key(r.rsplit(".", 1)[0]): root / r for r in walk_images(root)}
+
+    def image(self, key: str) -> np.ndarray:
+        from pipeline.data.crop import center_crop_arr
+        from pipeline.data.decode import decode_rgb, read_bytes
+
+        if key not in self._paths:
+            raise KeyError(f"no image for key {key!r} under {self.root}")
+        return center_crop_arr(decode_rgb(read_bytes(self._paths[key])), self.crop_size)
+
+
+def _image_source(co: CollapseOrders, images: str | Path | None) -> Any:
+    """What to draw on: ``images`` (a prepared image set or a raw folder); with ``"auto"`` the
+    images the set was made from: ``<orders>/.compute/images`` (``cop orders compute``), else
+    ``data/images/<split of the manifest>``. None when there is nothing to draw on."""
     from pipeline.data.imageset import ImageSet
 
+    if images is None:
+        return None
+    auto = str(images) == "auto"
+    split = co.manifest.get("split", "train")
+    candidates = [co.path / ".compute" / "images", Path("data/images") / split] if auto else [Path(images)]
+    for path in candidates:
+        if (path / "index.json").exists():
+            imgs = ImageSet(path)
+            return lambda key: imgs.image(imgs.index_of(key))
+        if not auto and path.is_dir():
+            crop = (co.manifest.get("identity", {}).get("latents") or {}).get("crop_size")
+            if crop is None:
+                raise ValueError(f"{co.path}: the manifest records no crop size to cut {path}'s images to")
+            return _RawImages(path, int(crop)).image
+    if not auto:
+        raise FileNotFoundError(f"{images} is neither a prepared image set nor a folder of images")
+    return None
+
+
+def show_orders(orders: str | Path | CollapseOrders, images: str | Path | None = "auto",
+                keys: Sequence[str] | None = None, count: int = 8,
+                out: str | Path | None = None, top: int | None = None) -> list[Path]:
+    """Write Fig. 4 for the chosen images and Fig. 5; return the paths.
+
+    ``images``: a prepared image set, a raw image folder, ``"auto"`` (found from the
+    manifest, see :func:`_image_source`) or None; without images only Fig. 5 is drawn. ``out`` defaults to
+    ``orders-pictures/<split>`` in the working directory, outside every DVC output.
+    ``top``: the length of the Fig. 4 path (default N / 4).
+    """
     co = orders if isinstance(orders, CollapseOrders) else CollapseOrders(orders)
-    out = Path(out)
+    out = Path(out) if out is not None else DEFAULT_OUT / str(co.manifest.get("split", "orders"))
     out.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
     chosen = list(keys) if keys else pick_keys(co, count)
-    if chosen and images is not None:
-        imgs = ImageSet(images)
+    load = _image_source(co, images) if chosen else None
+    if load is not None:
         for key in chosen:
-            img = imgs.image(imgs.index_of(key))
-            paths.append(fig4(img, co.order(key), co.grid, out / f"fig4_{_safe(key)}.png", key))
+            paths.append(fig4(load(key), co.order(key), co.grid, out / f"fig4_{_safe(key)}.png", key,
+                              top=top))
     paths.append(fig5(co, out / "fig5_classes.png"))
     return paths
