@@ -162,6 +162,9 @@ class ComaeConfig(Section):
     probe_steps: int = Field(
         600, ge=1, description="steps of the CoMAE trained on the copy-mechanism probe "
         "(stage probe_comae; same architecture and train settings otherwise)")
+    decoder_sees_alpha: bool = Field(
+        False, description="give g each token's noise level alpha as an extra input channel "
+        "(as MAE's decoder knows which tokens are masked); false: paper")
     w_shuffle: float = Field(
         0.0, ge=0, le=1, description="share of decoder-step sequences whose w is moved to random "
         "positions, so g learns to read any selection; 0: paper")

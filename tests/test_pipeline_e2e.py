@@ -27,7 +27,7 @@ TINY = {
                   "batch_size": 8, "precision": "fp32"},
     "latents": {"rows_per_chunk": 8, "rows_per_shard": 16},
     "comae": {"enc_dim": 16, "enc_depth": 1, "enc_heads": 2, "dec_dim": 16, "dec_depth": 1,
-              "dec_heads": 2, "targets_per_image": 4,
+              "dec_heads": 2, "targets_per_image": 4, "probe_steps": 4,
               "train": {"steps": 6, "batch_size": 4, "ckpt_every": 3, "log_every": 2,
                         "precision": "fp32"}},
     "orders": {"images_per_batch": 4, "samples_per_shard": 8, "save_matrix": True,
@@ -98,6 +98,13 @@ def test_dvc_repro_and_experiments(repo):
     for key in ("L_r", "L_c", "H_mask"):
         assert key in comae and comae[key] == comae[key]  # present and not NaN
     assert (root / "data/orders/train/manifest.json").exists()
+    orders = json.loads((root / "data/metrics/orders.json").read_text())
+    for name in ("collapse", "random", "fixed", "centre", "pixel_variance", "token_saliency"):
+        assert 0.0 <= orders[f"auc_{name}"] <= 1.0, name  # every order scored beside the others
+    assert orders["auc_random"] == pytest.approx(0.5, abs=0.25)
+    probe = json.loads((root / "data/metrics/comae_probe.json").read_text())
+    assert 0.0 <= probe["precision_at_1"] <= 1.0 and probe["chance"] == pytest.approx(1 / 15)
+    assert "L_r_own" in json.loads((root / "data/reports/comae.json").read_text())["val"]
     assert (root / "data/plots/cvit_accuracy.csv").exists()
 
     # Nothing changed: a second repro runs no stage.

@@ -57,7 +57,7 @@ FORMAT = "cop-comae/1"
 # ComaeConfig fields that define the network that produces w; the rest (lambda, tau_init,
 # targets_per_image, train) shape training only and may differ between trainer and reader.
 ARCH_FIELDS = ("enc_dim", "enc_depth", "enc_heads", "dec_dim", "dec_depth", "dec_heads",
-               "mlp_ratio", "head_layers", "sigma", "budget")
+               "mlp_ratio", "head_layers", "sigma", "budget", "decoder_sees_alpha")
 TAU_MIN, TAU_MAX = 1e-2, 1e2
 Half = Literal["encoder", "decoder", "both"]
 
@@ -200,7 +200,8 @@ class CoMAE(nn.Module):
         self.encoder = _TargetStack(token_dim, N, cfg.enc_dim, cfg.enc_depth, cfg.enc_heads,
                                     cfg.mlp_ratio)
         self.select_head = nn.Linear(cfg.enc_dim, N)  # [cls] -> N selection logits
-        self.decoder = _TargetStack(token_dim, N, cfg.dec_dim, cfg.dec_depth, cfg.dec_heads,
+        # With comae.decoder_sees_alpha each noised token carries its alpha as one more channel.
+        self.decoder = _TargetStack(token_dim + int(cfg.decoder_sees_alpha), N, cfg.dec_dim, cfg.dec_depth, cfg.dec_heads,
                                     cfg.mlp_ratio)
         self.recon_head = ResidualMLP(cfg.dec_dim, token_dim, cfg.head_layers)
         self.log_tau = nn.Parameter(torch.tensor(math.log(cfg.tau_init)))
@@ -285,12 +286,16 @@ class CoMAE(nn.Module):
 
     def noise(self, tokens: Tensor, targets: Tensor, w: Tensor, eps: Tensor) -> Tensor:
         """Eq. 3-4 on the kept tokens: tokens [B, N, D], targets [B, T], w [B, T, N],
-        eps [B, T, N-1, D] -> noised kept tokens [B, T, N-1, D] (the target dropped)."""
+        eps [B, T, N-1, D] -> noised kept tokens [B, T, N-1, D] (the target dropped), or
+        [B, T, N-1, D+1] with alpha appended when ``comae.decoder_sees_alpha``: g is then told
+        which tokens are clean, as MAE's decoder knows which are masked, instead of having to
+        tell clean tokens from noise by their values."""
         img, tgt = self._flat(targets)
         kept = self._kept(tokens, img, tgt).view(eps.shape)  # [B, T, N-1, D]
         w_kept = torch.gather(w, 2, self.keep[targets])  # [B, T, N-1]
         alpha = noise_alpha(w_kept, self.sigma).unsqueeze(-1)
-        return alpha * kept.float() + (1.0 - alpha) * eps.float()
+        noised = alpha * kept.float() + (1.0 - alpha) * eps.float()
+        return torch.cat((noised, alpha), -1) if self.cfg.decoder_sees_alpha else noised
 
     def reconstruct(self, noised: Tensor, targets: Tensor, frozen: bool = False) -> Tensor:
         """g: noised kept tokens [B, T, N-1, D], targets [B, T] -> e*_n [B, T, D].
@@ -302,7 +307,7 @@ class CoMAE(nn.Module):
         tgt = targets.reshape(-1)
         rope = self._rope(tgt, self.decoder.head_dim)
         h = _call(self.decoder, frozen, noised.reshape(B * T, -1, D), tgt, rope)  # [B*T, C]
-        return _call(self.recon_head, frozen, h).view(B, T, D)
+        return _call(self.recon_head, frozen, h).view(B, T, self.token_dim)
 
     def forward(self, tokens: Tensor, targets: Tensor, eps: Tensor, update: Half = "both",
                 shuffle: tuple[Tensor, Tensor] | None = None) -> dict[str, Tensor]:
