@@ -1,3 +1,3 @@
-from pipeline.cli import app
+from stages.cli import app
 
 app(prog_name="cop")

@@ -33,9 +33,9 @@ from pipeline.data.imageset import ImageSet
 from pipeline.latents.store import LatentStore
 from pipeline.metrics.fid import (feature_stats, frechet_distance, inception_score,
                                   precision_recall, read_reference_batch)
-from pipeline.models.cmar_task import generate, sampling_orders, train_config
+from pipeline.tasks.cmar import generate, sampling_orders, train_config
 from pipeline.models.mar import MAR, build_mar, load_mar_state
-from pipeline.models.cvit_task import load_cvit
+from pipeline.tasks.cvit import load_cvit
 from pipeline.models.vit import VisionTransformer
 from pipeline.orders.shards import CollapseOrders
 from pipeline.train.checkpoint import load_weights
@@ -252,6 +252,6 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> None:
 
 
 if __name__ == "__main__":
-    from pipeline.cli import stage_entry
+    from stages.cli import stage_entry
 
     stage_entry("eval-cmar")

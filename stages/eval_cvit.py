@@ -1,6 +1,6 @@
 """Stage ``eval_cvit``: Tab. 5 and Fig. 8 on the ``val`` split.
 
-For every row of Tab. 5 (ViT, ViT+C, RViT, CViT; see ``pipeline.models.cvit_task``) and every
+For every row of Tab. 5 (ViT, ViT+C, RViT, CViT; see ``pipeline.tasks.cvit``) and every
 mask ratio of ``cvit.eval_ratios``: top-1 / top-5 (%). Per row, AuC (mean top-1 over the
 ratio span, trapezoids) and the Kneedle knee of the top-1 curve. Per ratio, the FLOP ratio
 and the measured wall-time ratio of a forward pass with that many patches dropped against the
@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from pipeline.config import Params
 from pipeline.data.imageset import ImageSet
 from pipeline.metrics.curves import auc, kneedle
-from pipeline.models.cvit_task import (
+from pipeline.tasks.cvit import (
     ROWS, VARIANTS, CvitImageDataset, check_model_fits, evaluate_rows, images_to_input,
     load_cvit, measure_cost, ratio_label,
 )
@@ -155,6 +155,6 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from pipeline.cli import stage_entry
+    from stages.cli import stage_entry
 
     stage_entry("eval-cvit")

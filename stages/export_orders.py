@@ -90,6 +90,6 @@ def _finish(data_dir: Path, params: Params, results: dict[str, SplitResult]) -> 
 
 
 if __name__ == "__main__":
-    from pipeline.cli import stage_entry
+    from stages.cli import stage_entry
 
     stage_entry("export-orders")

@@ -109,6 +109,6 @@ def _write_report(data_dir: Path, params: Params, tok: Tokenizer, results: dict[
 
 
 if __name__ == "__main__":
-    from pipeline.cli import stage_entry
+    from stages.cli import stage_entry
 
     stage_entry("extract-latents")

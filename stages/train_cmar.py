@@ -17,7 +17,7 @@ from typing import Any
 
 from pipeline.config import CmarConfig, Params, params_dict
 from pipeline.latents.store import LatentStore
-from pipeline.models.cmar_task import CmarDataset, CmarTask, train_config
+from pipeline.tasks.cmar import CmarDataset, CmarTask, train_config
 from pipeline.models.mar import MAR, build_mar, load_mar_checkpoint
 from pipeline.orders.shards import CollapseOrders, OrderedTokenDataset
 from pipeline.train.trainer import Trainer
@@ -95,6 +95,6 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> None:
 
 
 if __name__ == "__main__":
-    from pipeline.cli import stage_entry
+    from stages.cli import stage_entry
 
     stage_entry("train-cmar")

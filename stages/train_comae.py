@@ -17,7 +17,7 @@ import torch
 from pipeline.config import Params
 from pipeline.latents.store import LatentStore, TokenGridDataset
 from pipeline.models.comae import CoMAE
-from pipeline.models.comae_task import ComaeTask
+from pipeline.tasks.comae import ComaeTask
 from pipeline.models.layers import count_params
 from pipeline.train.trainer import Trainer
 from pipeline.utils.dist import cleanup, init_distributed
@@ -57,6 +57,6 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from pipeline.cli import stage_entry
+    from stages.cli import stage_entry
 
     stage_entry("train-comae")

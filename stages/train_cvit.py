@@ -22,7 +22,7 @@ import torch
 
 from pipeline.config import Params
 from pipeline.data.imageset import ImageSet
-from pipeline.models.cvit_task import (
+from pipeline.tasks.cvit import (
     TRAIN_DROP, VARIANTS, CvitImageDataset, CvitTask, orders_tokenizer_fingerprint,
 )
 from pipeline.models.layers import count_params
@@ -89,6 +89,6 @@ def run(params: Params, variant: str = "cvit", data_dir: Path | str = Path("data
 
 
 if __name__ == "__main__":
-    from pipeline.cli import stage_entry
+    from stages.cli import stage_entry
 
     stage_entry("train-cvit")

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from pipeline.config import CmarConfig, TrainConfig
-from pipeline.models.cmar_task import (EVAL_ONLY_KEYS, CmarTask, generate, sampling_orders,
+from pipeline.tasks.cmar import (EVAL_ONLY_KEYS, CmarTask, generate, sampling_orders,
                                        to_mar_orders, train_config)
 from pipeline.models.mar import MAR, build_mar, mask_by_order
 from pipeline.train.trainer import StepContext

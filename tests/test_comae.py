@@ -23,7 +23,7 @@ from pipeline.models.comae import (
     noise_alpha,
     reconstruction_loss,
 )
-from pipeline.models.comae_task import ComaeTask
+from pipeline.tasks.comae import ComaeTask
 from pipeline.train.checkpoint import latest_checkpoint
 from pipeline.train.trainer import ConfigMismatchError, NonFiniteError, StepContext, Trainer
 from tests.support import free_port

@@ -13,14 +13,14 @@ import torch
 
 from pipeline.config import parse_params
 from pipeline.data.imageset import ImageSet
-from pipeline.models.cvit_task import (
+from pipeline.tasks.cvit import (
     CvitImageDataset, CvitTask, OrdersMismatchError, check_model_fits, cosine_mask_ratio,
     images_to_input, load_cvit, num_keep, orders_tokenizer_fingerprint, random_order,
 )
 from pipeline.models.vit import VisionTransformer, VitArch
 from pipeline.orders.shards import CollapseOrders
 from pipeline.train.trainer import StepContext
-from tests.test_cvit_support import TOKENIZER, make_data_dir, make_imageset, make_orders
+from tests.cvit_data import TOKENIZER, make_data_dir, make_imageset, make_orders
 
 
 @pytest.fixture(scope="module")

@@ -286,7 +286,7 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(built: Path, tmp_path: 
 def test_cop_prepare_cli(tmp_path: Path, monkeypatch):
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from stages.cli import app
 
     monkeypatch.chdir(tmp_path)
     raw = {"seed": 0, "data": {"source": "synthetic", "crop_size": 16, "synthetic": {

@@ -16,7 +16,7 @@ from pipeline.orders import export as export_mod
 from pipeline.orders.export import export_split
 from pipeline.orders.pagerank import collapse_order, flip_permutation, pagerank_torch
 from pipeline.orders.shards import CollapseOrders, OrderedTokenDataset
-from tests.test_orders_support import make_store, tiny_comae
+from tests.orders_data import make_store, tiny_comae
 
 CFG = OrdersConfig(images_per_batch=3, samples_per_shard=4, save_matrix=True, flip="compute",
                    precision="fp32")
@@ -114,7 +114,7 @@ from pipeline.utils.dist import init_distributed, cleanup
 from pipeline.latents.store import LatentStore
 from pipeline.orders.export import export_split
 from tests.test_orders_export import CFG, COMAE_ID
-from tests.test_orders_support import tiny_comae
+from tests.orders_data import tiny_comae
 info = init_distributed("gloo")
 store = LatentStore(sys.argv[1])
 model = tiny_comae(store.grid, store.dim)

@@ -21,7 +21,7 @@ from pipeline.orders.shards import (
 )
 from pipeline.utils.io import sha256_bytes
 from tests.test_orders_export import CFG, COMAE_ID
-from tests.test_orders_support import make_store, tiny_comae
+from tests.orders_data import make_store, tiny_comae
 
 
 @pytest.fixture()

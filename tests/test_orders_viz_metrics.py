@@ -13,7 +13,7 @@ from pipeline.orders.export import export_split
 from pipeline.orders.shards import CollapseOrders
 from pipeline.orders.viz import fig4, show_orders
 from tests.test_orders_export import CFG, COMAE_ID
-from tests.test_orders_support import make_store, tiny_comae
+from tests.orders_data import make_store, tiny_comae
 
 
 def test_patch_labels_half_rule() -> None:

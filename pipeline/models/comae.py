@@ -25,7 +25,7 @@ Choices the paper leaves open:
   entries of a selection vector and averages over the M (image, target) samples.
 * **Alternation.** ``forward(..., update=)``: "decoder" runs f without autograd (w constant),
   "encoder" runs g on detached parameters (gradient reaches w through g, none reaches g's
-  weights); :mod:`pipeline.models.comae_task` picks g on even steps, f on odd steps.
+  weights); :mod:`pipeline.tasks.comae` picks g on even steps, f on odd steps.
 * **Weights to read.** :func:`load_comae` prefers ``model_ema.safetensors`` when training kept
   an EMA (``comae.train.ema``), else ``model.safetensors``.
 * **Temperature.** ``tau = exp(log_tau)``, ``log_tau`` learnable, clamped to [0.01, 100]
