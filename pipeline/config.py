@@ -186,6 +186,9 @@ class OrdersConfig(Section):
 
 # ----------------------------------------------------------------------------- CViT
 
+# The models of Tab. 5 (``train_cvit --variant``): full images, random drops, collapse drops.
+VARIANTS = ("vit", "rvit", "cvit")
+
 
 class CvitConfig(Section):
     # Patch size follows from image size / latent grid; width and depth are the model's.

@@ -28,45 +28,19 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.config import CmarConfig, Params, params_dict
+from pipeline.config import Params, params_dict
 from pipeline.data.imageset import ImageSet
 from pipeline.latents.store import LatentStore
 from pipeline.metrics.fid import (feature_stats, frechet_distance, inception_score,
                                   precision_recall, read_reference_batch)
-from pipeline.tasks.cmar import generate, sampling_orders, train_config
-from pipeline.models.mar import MAR, build_mar, load_mar_state
-from pipeline.tasks.cvit import load_cvit
 from pipeline.models.vit import VisionTransformer
 from pipeline.orders.shards import CollapseOrders
-from pipeline.train.checkpoint import load_weights
+from pipeline.tasks.cmar import generate, load_cmar, sampling_orders
+from pipeline.tasks.cvit import load_cvit
 from pipeline.utils.device import pick_device
-from pipeline.utils.io import atomic_path, atomic_write_json, read_json
+from pipeline.utils.io import atomic_path, atomic_write_json
 
 GRID_COLS = 8
-
-
-# ----------------------------------------------------------------------------- loading
-
-
-def load_trained_mar(model_dir: Path, cfg: CmarConfig) -> tuple[MAR, dict[str, Any]]:
-    """Rebuild the trained model from ``mar.json`` (+ the sampling params of ``cfg``) and load
-    its EMA weights (the raw ones when it was trained without EMA)."""
-    arch_path = model_dir / "mar.json"
-    if not arch_path.exists():
-        raise FileNotFoundError(f"{arch_path} not found: run the train_cmar stage first")
-    arch = read_json(arch_path)
-    trained = arch["cmar"]
-    current = train_config(cfg)
-    diff = sorted(k for k in set(trained) | set(current) if trained.get(k) != current.get(k))
-    if diff:
-        raise ValueError(f"{model_dir} was trained with other cmar params ({', '.join(diff)}); "
-                         "re-run train_cmar (dvc repro / dvc exp run does this)")
-    model = build_mar(cfg, arch["grid"], arch["token_dim"], arch["num_classes"])
-    weights = model_dir / "model_ema.safetensors"
-    if not weights.exists():
-        weights = model_dir / "model.safetensors"
-    load_mar_state(model, load_weights(weights), allow_missing=False)
-    return model.eval(), {**arch, "weights": weights.name}
 
 
 # ----------------------------------------------------------------------------- features
@@ -154,7 +128,7 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> None:
     store = LatentStore(data_dir / "latents" / "train.zarr")
     orders = CollapseOrders(data_dir / "orders" / "train")
     dev = pick_device()
-    model, arch = load_trained_mar(data_dir / "cmar", cfg)
+    model, arch = load_cmar(data_dir / "cmar", cfg)
     model.to(dev)
 
     # ---- bad input, before any sampling

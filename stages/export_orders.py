@@ -15,7 +15,7 @@ from pipeline.config import Params, params_dict
 from pipeline.data.imageset import ImageSet
 from pipeline.latents.store import LatentStore
 from pipeline.metrics.objectness import objectness
-from pipeline.models.comae import load_comae
+from pipeline.tasks.comae import load_comae
 from pipeline.orders.export import SplitResult, export_split
 from pipeline.orders.shards import CollapseOrders
 from pipeline.orders.viz import show_orders

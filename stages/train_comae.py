@@ -2,7 +2,7 @@
 
 The shared trainer does resume, DDP (``torchrun -m stages.train_comae``), EMA and bf16; the
 CoMAE task alternates f and g step by step. Writes ``data/comae/{model,model_ema}.safetensors``
-+ ``config.json`` (read by :func:`pipeline.models.comae.load_comae`), the per-window curves
++ ``config.json`` (read by :func:`pipeline.tasks.comae.load_comae`), the per-window curves
 ``data/plots/comae_train.csv`` (step, L_r, L_c, H_mask, tau, lr, items_per_s, ...) and
 ``..._epochs.csv``, and the final values in ``data/metrics/comae.json``.
 """
@@ -21,7 +21,6 @@ from pipeline.tasks.comae import ComaeTask
 from pipeline.models.layers import count_params
 from pipeline.train.trainer import Trainer
 from pipeline.utils.dist import cleanup, init_distributed
-from pipeline.utils.io import atomic_write_json
 
 
 def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
@@ -36,16 +35,17 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
         model = CoMAE(cfg, store.grid, store.dim)
         model.check_store(store)
         task = ComaeTask(model, cfg)
-        metrics_path = data_dir / "metrics" / "comae.json"
+        report = {"lambda": cfg.lambda_, "sigma": cfg.sigma,
+                  "targets_per_image": cfg.targets_per_image, "params": count_params(model),
+                  "grid": store.grid, "token_dim": store.dim}
         trainer = Trainer(task, TokenGridDataset(store), cfg.train, data_dir / "comae",
-                          log_csv=data_dir / "plots" / "comae_train.csv", desc="comae",
-                          on_config_mismatch="restart")
+                          inputs={"latents": store.identity},
+                          log_csv=data_dir / "plots" / "comae_train.csv",
+                          metrics_json=data_dir / "metrics" / "comae.json", report=report,
+                          desc="comae")
         final = trainer.fit()
-        metrics = {"lambda": cfg.lambda_, "sigma": cfg.sigma,
-                   "targets_per_image": cfg.targets_per_image, "params": count_params(model),
-                   "grid": store.grid, "token_dim": store.dim, **final}
+        metrics = {**report, **final}
         if info.is_main:
-            atomic_write_json(metrics_path, metrics)
             print(f"[comae] L_r {final.get('L_r', float('nan')):.4f}  L_c "
                   f"{final.get('L_c', float('nan')):.4f}  H_mask {final.get('H_mask', float('nan')):.3f}"
                   f"  tau {final.get('tau', float('nan')):.4f} after {final.get('train_steps')} steps "

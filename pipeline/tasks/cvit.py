@@ -32,7 +32,6 @@ uses the order of the flipped image (the shard set's ``flip_order``).
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 import time
@@ -46,11 +45,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from pipeline.models.vit import VisionTransformer, VitArch, vit_forward_flops
+from pipeline.config import VARIANTS, Params
+from pipeline.models.vit import VisionTransformer, VitArch, load_pretrained, vit_forward_flops
+from pipeline.train.checkpoint import load_run
 from pipeline.train.trainer import StepContext, TrainTask
-from pipeline.utils.io import sha256_json
+from pipeline.utils.io import sha256_file, sha256_json
 
-VARIANTS = ("vit", "rvit", "cvit")
 TRAIN_DROP = {"vit": "none", "rvit": "random", "cvit": "collapse"}
 # Tab. 5 row -> (trained variant, drop at test)
 ROWS: dict[str, tuple[str, str]] = {
@@ -260,27 +260,39 @@ class CvitTask(TrainTask):
 # ----------------------------------------------------------------------------- saved models
 
 
+def build_vit(params: Params, crop_size: int, grid: int, num_classes: int,
+              ) -> tuple[VisionTransformer, dict[str, Any]]:
+    """A variant's ViT on the latent grid (patch size = image size / grid), from timm weights
+    when ``cvit.pretrained`` is set; returns the model and what was loaded into it."""
+    cfg = params.cvit
+    arch = VitArch.for_grid(crop_size, grid, num_classes, dim=cfg.dim, depth=cfg.depth,
+                            heads=cfg.heads, mlp_ratio=cfg.mlp_ratio)
+    torch.manual_seed(params.seed)  # the same initial weights for every variant
+    model = VisionTransformer(arch)
+    info: dict[str, Any] = {"pretrained": None}
+    if cfg.pretrained:
+        report = load_pretrained(model, cfg.pretrained, allow_missing_keys=cfg.allow_missing_keys)
+        print(f"[cvit] pretrained {cfg.pretrained}: {report.summary()}", flush=True)
+        info = {"pretrained": str(cfg.pretrained), "pretrained_sha256": sha256_file(cfg.pretrained),
+                "loaded": len(report.loaded), "missing": report.missing,
+                "unexpected": report.unexpected, "dropped": report.dropped,
+                "reinitialized": report.reinitialized,
+                "pos_embed_resized": report.pos_embed_resized}
+    return model, info
+
+
 def load_cvit(directory: str | Path, prefer_ema: bool = True) -> tuple[VisionTransformer, dict[str, Any]]:
-    """A trained variant from ``data/cvit/<variant>`` (the trainer's ``config.json`` + weights).
+    """A trained variant from ``data/cvit/<variant>`` (read by :func:`load_run`).
 
     The EMA weights are used when the run kept them (the paper evaluates its EMA model).
     """
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    cfg_path = directory / "config.json"
-    if not cfg_path.exists():
-        raise FileNotFoundError(f"{cfg_path} not found: train it first (`cop train-cvit`)")
-    meta = json.loads(cfg_path.read_text())
-    task = meta.get("task", {})
+    run = load_run(directory, "auto" if prefer_ema else "model")
+    task = run.task
     if task.get("kind") != TASK_KIND or "arch" not in task:
         raise ValueError(f"{directory} does not hold a CViT model (task kind {task.get('kind')!r})")
     model = VisionTransformer(VitArch.from_dict(task["arch"]))
-    ema = directory / "model_ema.safetensors"
-    weights = ema if prefer_ema and ema.exists() else directory / "model.safetensors"
-    model.load_state_dict(load_file(str(weights)))
-    meta["weights"] = weights.name
-    return model.eval(), meta
+    model.load_state_dict(run.state)
+    return model.eval(), {**run.meta, "weights": run.weights.name}
 
 
 def check_model_fits(name: str, model: VisionTransformer, meta: dict[str, Any], orders: Any,
@@ -404,6 +416,6 @@ def ratio_label(ratio: float) -> str:
 __all__ = [
     "CvitImageDataset", "CvitTask", "OrdersMismatchError", "ROWS", "TRAIN_DROP", "VARIANTS",
     "check_model_fits", "check_orders_match_images", "cosine_mask_ratio", "evaluate_rows",
-    "images_to_input", "keep_first", "load_cvit", "measure_cost", "num_keep",
+    "build_vit", "images_to_input", "keep_first", "load_cvit", "measure_cost", "num_keep",
     "orders_tokenizer_fingerprint", "random_order", "ratio_label",
 ]
