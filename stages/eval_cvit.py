@@ -26,11 +26,9 @@ from torch.utils.data import DataLoader
 from pipeline.config import Params
 from pipeline.data.imageset import ImageSet
 from pipeline.metrics.curves import auc, kneedle
-from pipeline.tasks.cvit import (
-    ROWS, VARIANTS, CvitImageDataset, check_model_fits, evaluate_rows, images_to_input,
-    load_cvit, measure_cost, ratio_label,
-)
 from pipeline.orders.shards import CollapseOrders
+from pipeline.tasks.cvit import ROWS, VARIANTS, CvitImageDataset, images_to_input, load_cvit
+from pipeline.tasks.cvit_eval import check_model_fits, evaluate_rows, measure_cost, ratio_label
 from pipeline.utils.device import pick_device
 from pipeline.utils.io import atomic_path, atomic_write_json, atomic_write_text
 from pipeline.utils.progress import progress

@@ -34,7 +34,7 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
         torch.manual_seed(params.seed)  # initial weights are a function of the seed
         model = CoMAE(cfg, store.grid, store.dim)
         model.check_store(store)
-        task = ComaeTask(model, cfg)
+        task = ComaeTask(model, cfg, extra_config={"init_seed": params.seed})
         report = {"lambda": cfg.lambda_, "sigma": cfg.sigma,
                   "targets_per_image": cfg.targets_per_image, "params": count_params(model),
                   "grid": store.grid, "token_dim": store.dim}

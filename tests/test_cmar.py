@@ -199,7 +199,7 @@ def test_short_training_run_through_the_shared_trainer(tmp_path, capsys):
 
 
 def test_eval_helpers():
-    from stages.eval_cmar import image_grid, safe_name
+    from pipeline.utils.images import image_grid, safe_name
 
     imgs = np.zeros((5, 4, 6, 3), np.uint8) + 7
     g = image_grid(imgs, cols=2, pad=1)

@@ -41,7 +41,8 @@ def _unwrap(model: nn.Module) -> CoMAE:
 class ComaeTask(TrainTask):
     find_unused_parameters = True  # each alternating step leaves one half without gradients
 
-    def __init__(self, model: CoMAE, cfg: ComaeConfig) -> None:
+    def __init__(self, model: CoMAE, cfg: ComaeConfig,
+                 extra_config: dict[str, Any] | None = None) -> None:
         if cfg.targets_per_image > model.num_tokens - 1:
             raise ComaeError(
                 f"comae.targets_per_image ({cfg.targets_per_image}) must be below the number "
@@ -49,6 +50,7 @@ class ComaeTask(TrainTask):
             )
         self.model = model
         self.cfg = cfg
+        self.extra_config = dict(extra_config or {})
         self.items_per_sample = cfg.targets_per_image  # throughput unit: reconstructions/s
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
@@ -65,7 +67,7 @@ class ComaeTask(TrainTask):
     def config(self) -> dict[str, Any]:
         # Architecture + grid/dim (config.json) and the loss settings: resuming a run with a
         # different lambda/sigma/targets is a different experiment, not a continuation.
-        return self.model.config()
+        return {**self.model.config(), **self.extra_config}
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor], ctx: StepContext
              ) -> tuple[Tensor, dict[str, float | Tensor]]:
