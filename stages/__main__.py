@@ -1,3 +1,5 @@
-from stages.cli import app
+"""``python -m stages`` is ``cop``."""
 
-app(prog_name="cop")
+from stages.cli import main
+
+main(prog_name="cop")

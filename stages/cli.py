@@ -1,116 +1,149 @@
-"""``cop``: one subcommand per pipeline stage, plus utilities.
+"""``cop``: one subcommand per pipeline stage (generated from :data:`STAGES`), plus utilities.
 
-``cop prepare`` and ``python -m stages.prepare`` are the same thing: every stage module
-ends with ``stage_entry("<name>")``, which runs the command of that name here. DVC calls
-the module form (see dvc.yaml); ``torchrun -m stages.<name>`` scales a stage out.
+``cop prepare`` and ``python -m stages.prepare`` are the same thing: every stage module ends
+with ``stage_entry("prepare")``. DVC calls the module form (see dvc.yaml); ``torchrun -m
+stages.<name>`` scales a stage out. This module sits on top of the stages and imports a stage
+only when its command runs, so ``cop --help`` stays fast; the library never imports it.
+
+Errors: one line on stderr, the cause and a hint, exit status 1. ``cop --debug ...`` (or
+``COP_DEBUG=1``, which also reaches ``python -m stages.<name>`` under DVC) re-raises instead,
+with the traceback.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: typer reads the annotations of the generated
+# commands at runtime, and they close over the table entry.
+import enum
 import importlib
+import os
 import sys
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.exceptions import TyperException  # typer's usage errors (bad option, bad choice)
 
-from pipeline.config import ParamsError, load_params, params_dict
+from pipeline.config import VARIANTS, ParamsError, load_params, params_dict
+
+DISTRIBUTION = "collapse-of-patches"
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str  # the module in stages/ and the DVC stage
+    help: str
+    examples: tuple[str, ...]
+    variants: tuple[str, ...] = ()  # choices of --variant, when the stage has them
+
+    @property
+    def command(self) -> str:
+        return self.name.replace("_", "-")
+
+
+STAGES = (
+    Stage("prepare", "Build the prepared image set (train/val shards of center crops, labels, masks).",
+          ("cop prepare", "cop prepare -S data.source=imagefolder -S data.root=/data/imagenet")),
+    Stage("extract_latents", "Encode the prepared images (and their flips) into the Zarr latent store. "
+          "Resumes; torchrun-able.",
+          ("cop extract-latents", "torchrun --nproc-per-node 8 -m stages.extract_latents")),
+    Stage("train_comae", "Train the Collapse Masked Autoencoder on the latent store. Resumes; torchrun-able.",
+          ("cop train-comae -S comae.lambda=0", "torchrun --nproc-per-node 8 -m stages.train_comae")),
+    Stage("export_orders", "Dependency matrices -> PageRank -> collapse-order shards (+ class orders, plots).",
+          ("cop export-orders", "cop export-orders -S orders.flip=map -S orders.topk=16")),
+    Stage("train_cvit", "Train one CViT variant (ViT on full images, RViT random drops, CViT collapse drops).",
+          ("cop train-cvit --variant rvit", "torchrun --nproc-per-node 8 -m stages.train_cvit --variant cvit"),
+          VARIANTS),
+    Stage("eval_cvit", "Accuracy vs mask ratio for ViT, ViT+C, RViT, CViT (Tab. 5, Fig. 8).",
+          ("cop eval-cvit", "cop eval-cvit -S cvit.eval_batch_size=256")),
+    Stage("train_cmar", "Fine-tune MAR in collapse order (or train the small default from scratch).",
+          ("cop train-cmar", "cop train-cmar -S cmar.order=random   # the MAR baseline")),
+    Stage("eval_cmar", "Sample from (C)MAR in the configured order and score the samples.",
+          ("cop eval-cmar", "cop eval-cmar -S cmar.cfg=1.5 -S cmar.num_iter=64")),
+)
 
 app = typer.Typer(
     name="cop",
     help="The Collapse of Patches: latents -> CoMAE -> collapse orders -> CMAR / CViT.",
-    no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # click's plain help: FILE / KEY=VALUE placeholders, no type names
 )
 orders_app = typer.Typer(help="Reuse and inspect collapse-order shard sets.", no_args_is_help=True)
 app.add_typer(orders_app, name="orders")
 
-ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params file to read")]
-SetOpt = Annotated[
-    Optional[list[str]],
-    typer.Option("--set", "-S", help="override a param, e.g. -S comae.lambda=0 (repeatable)"),
-]
+ParamsOpt = Annotated[Path, typer.Option("--params", "-p", metavar="FILE", help="params file to read")]
+SetOpt = Annotated[Optional[list[str]], typer.Option(
+    "--set", "-S", metavar="KEY=VALUE", help="override a param, e.g. -S comae.lambda=0 (repeatable)")]
 
 
-def _params(path: Path, overrides: list[str] | None):
-    try:
-        return load_params(path, overrides)
-    except ParamsError as err:
-        typer.secho(str(err), fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
+def _version(show: bool) -> None:
+    if show:
+        try:
+            typer.echo(f"cop {version(DISTRIBUTION)}")
+        except PackageNotFoundError:  # run from a checkout that was never installed
+            typer.echo("cop (not installed)")
+        raise typer.Exit()
 
 
-def _run_stage(module: str, params_path: Path, overrides: list[str] | None, **kwargs) -> None:
-    params = _params(params_path, overrides)
-    stage = importlib.import_module(f"stages.{module}")
-    stage.run(params, **kwargs)
-
-
-@app.command()
-def prepare(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
-    """Build the prepared image set (train/val shards of center crops, labels, masks)."""
-    _run_stage("prepare", params, set_)
-
-
-@app.command("extract-latents")
-def extract_latents(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
-    """Encode the prepared images (and their flips) into the Zarr latent store. torchrun-able."""
-    _run_stage("extract_latents", params, set_)
-
-
-@app.command("train-comae")
-def train_comae(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
-    """Train the Collapse Masked Autoencoder on the latent store. Resumes; torchrun-able."""
-    _run_stage("train_comae", params, set_)
-
-
-@app.command("export-orders")
-def export_orders(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
-    """Dependency matrices -> PageRank -> collapse-order shards (+ class orders, plots)."""
-    _run_stage("export_orders", params, set_)
-
-
-@app.command("train-cvit")
-def train_cvit(
-    variant: Annotated[str, typer.Option(help="vit | rvit | cvit (Tab. 5)")] = "cvit",
-    params: ParamsOpt = Path("params.yaml"),
-    set_: SetOpt = None,
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="on an error, show the traceback "
+                                        "(also COP_DEBUG=1)")] = False,
+    show_version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                               help="print the version and exit")] = False,
 ) -> None:
-    """Train one CViT variant (ViT on full images, RViT random drops, CViT collapse drops)."""
-    _run_stage("train_cvit", params, set_, variant=variant)
+    """The Collapse of Patches: latents -> CoMAE -> collapse orders -> CMAR / CViT."""
+    if debug:  # read by main(); set here too so a stage's subprocesses inherit it
+        os.environ["COP_DEBUG"] = "1"
 
 
-@app.command("eval-cvit")
-def eval_cvit(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
-    """Accuracy vs mask ratio for ViT, ViT+C, RViT, CViT (Tab. 5, Fig. 8)."""
-    _run_stage("eval_cvit", params, set_)
+def _run_stage(stage: Stage, params_path: Path, overrides: list[str] | None, **kwargs) -> None:
+    params = load_params(params_path, overrides)
+    importlib.import_module(f"stages.{stage.name}").run(params, **kwargs)
 
 
-@app.command("train-cmar")
-def train_cmar(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
-    """Fine-tune MAR in collapse order (or train the small default from scratch)."""
-    _run_stage("train_cmar", params, set_)
+def _examples(stage: Stage) -> str:
+    # "\b" keeps click from re-wrapping the example lines into one paragraph
+    return "Examples:\n\n\b\n" + "\n".join(f"  {e}" for e in stage.examples)
 
 
-@app.command("eval-cmar")
-def eval_cmar(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
-    """Sample from (C)MAR in the configured order and score the samples."""
-    _run_stage("eval_cmar", params, set_)
+def _add_stage_command(stage: Stage) -> None:
+    if stage.variants:
+        # an Enum makes typer list the choices in --help and refuse any other value
+        choice = enum.Enum(f"{stage.name}_variant", {v: v for v in stage.variants}, type=str)
+
+        def command(
+            variant: Annotated[choice, typer.Option(help="which model of Tab. 5 to train")
+                               ] = choice(stage.variants[-1]),
+            params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
+        ) -> None:
+            _run_stage(stage, params, set_, variant=variant.value)
+    else:
+        def command(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+            _run_stage(stage, params, set_)
+    app.command(stage.command, help=stage.help, epilog=_examples(stage))(command)
 
 
-@app.command("params")
+for _stage in STAGES:
+    _add_stage_command(_stage)
+
+
+@app.command("params", epilog="Examples:\n\n\b\n  cop params\n  cop params -S comae.lambda=0")
 def show_params(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Validate the params file and print the full, resolved configuration."""
     import yaml
 
-    typer.echo(yaml.safe_dump(params_dict(_params(params, set_)), sort_keys=False))
+    typer.echo(yaml.safe_dump(params_dict(load_params(params, set_)), sort_keys=False), nl=False)
 
 
-@orders_app.command("fetch")
+@orders_app.command("fetch", epilog="Examples:\n\n\b\n"
+                    "  cop orders fetch https://example.org/cop/train/manifest.json --dest data/orders-in")
 def orders_fetch(
-    source: Annotated[str, typer.Argument(help="folder, manifest URL (file://, https://) or brace pattern")],
-    dest: Annotated[Path, typer.Option(help="where to put the shard set")] = Path("data/orders-fetched"),
+    source: Annotated[str, typer.Argument(metavar="SOURCE",
+                                          help="folder, manifest URL (file://, https://) or brace pattern")],
+    dest: Annotated[Path, typer.Option(metavar="DIR", help="where to put the shard set")
+                    ] = Path("data/orders-fetched"),
 ) -> None:
     """Download a published collapse-order shard set, checking every sha256."""
     from pipeline.orders.fetch import fetch_orders
@@ -118,13 +151,16 @@ def orders_fetch(
     fetch_orders(source, dest)
 
 
-@orders_app.command("show")
+@orders_app.command("show", epilog="Examples:\n\n\b\n  cop orders show --count 4\n"
+                    "  cop orders show -k n01440764/n01440764_10026")
 def orders_show(
-    orders: Annotated[Path, typer.Option(help="shard set folder")] = Path("data/orders/train"),
-    images: Annotated[Path, typer.Option(help="prepared image set folder")] = Path("data/images/train"),
-    keys: Annotated[Optional[list[str]], typer.Option("--key", "-k", help="image keys (repeatable)")] = None,
-    count: Annotated[int, typer.Option(help="images to draw when no key is given")] = 8,
-    out: Annotated[Path, typer.Option(help="output folder for PNGs")] = Path("data/plots/orders"),
+    orders: Annotated[Path, typer.Option(metavar="DIR", help="shard set folder")] = Path("data/orders/train"),
+    images: Annotated[Path, typer.Option(metavar="DIR", help="prepared image set folder")
+                      ] = Path("data/images/train"),
+    keys: Annotated[Optional[list[str]], typer.Option("--key", "-k", metavar="KEY",
+                                                      help="image keys (repeatable)")] = None,
+    count: Annotated[int, typer.Option(metavar="N", help="images to draw when no key is given")] = 8,
+    out: Annotated[Path, typer.Option(metavar="DIR", help="output folder for PNGs")] = Path("data/plots/orders"),
 ) -> None:
     """Draw Fig. 4 (rank circles, top-64 path) and Fig. 5 (class heat maps) as PNGs."""
     from pipeline.orders.viz import show_orders
@@ -133,6 +169,53 @@ def orders_show(
         typer.echo(str(path))
 
 
+def _hint(err: BaseException, command: str) -> str:
+    if isinstance(err, TyperException):
+        return f"`{command} --help` lists the options"
+    if isinstance(err, ParamsError):
+        return "fix params.yaml or the -S override; `cop params` prints the resolved values"
+    if isinstance(err, FileNotFoundError):
+        return "run the stages before this one (`dvc repro`) or fix the path"
+    return "rerun with --debug (or COP_DEBUG=1) for the traceback"
+
+
+def _fail(err: BaseException, command: str) -> None:
+    if isinstance(err, TyperException):
+        cause = err.format_message()
+    else:
+        cause = str(err) or type(err).__name__
+        if not isinstance(err, (ParamsError, FileNotFoundError, ValueError)):
+            cause = f"{type(err).__name__}: {cause}"
+    one_line = ""
+    for line in filter(None, (ln.strip() for ln in cause.splitlines())):
+        one_line += (" " if one_line.endswith(":") else "; ") + line if one_line else line
+    cause = one_line
+    typer.secho(f"error: {cause} (hint: {_hint(err, command)})", fg=typer.colors.RED, err=True)
+    sys.exit(1)
+
+
+def main(args: list[str] | None = None, prog_name: str = "cop", command: str | None = None) -> None:
+    """The ``cop`` entry point: runs the app and turns an error into one line and exit status 1.
+    ``command``: how the user called the subcommand, for the hint (default ``cop <name>``)."""
+    args = list(sys.argv[1:] if args is None else args)
+    debug = "--debug" in args or os.environ.get("COP_DEBUG", "") not in ("", "0")
+    names = [a for a in args if not a.startswith("-")]
+    command = command or " ".join([prog_name, *names[:1]])
+    try:
+        code = app(args=args or ["--help"], prog_name=prog_name, standalone_mode=False)
+    except typer.Abort:
+        typer.secho("error: interrupted", fg=typer.colors.RED, err=True)
+        sys.exit(130)
+    except Exception as err:
+        if debug and not isinstance(err, TyperException):
+            raise
+        _fail(err, command)
+    sys.exit(code or 0)
+
+
 def stage_entry(command: str) -> None:
     """``python -m stages.<x>`` runs ``cop <command>`` with the same options."""
-    app(args=[command, *sys.argv[1:]], prog_name=f"python -m stages.{command.replace('-', '_')}")
+    args = sys.argv[1:]
+    flags = [a for a in args if a == "--debug"]  # a root option: it goes before the command
+    module = f"python -m stages.{command.replace('-', '_')}"
+    main([*flags, command, *[a for a in args if a != "--debug"]], prog_name=module, command=module)
