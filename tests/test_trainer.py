@@ -16,9 +16,8 @@ from torch.utils.data import TensorDataset
 from pipeline.config import TrainConfig
 from pipeline.train.checkpoint import latest_checkpoint
 from pipeline.train.schedules import lr_at
-from pipeline.train.trainer import (
-    NonFiniteError, StepBatchSampler, Trainer, TrainTask,
-)
+from pipeline.train.steps import StepBatchSampler
+from pipeline.train.trainer import NonFiniteError, Trainer, TrainTask
 from tests.support import free_port
 
 
