@@ -5,7 +5,6 @@ after a kill, 2-process DDP == 1 process)."""
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,7 @@ from pipeline.models.comae import (
 from pipeline.tasks.comae import ComaeTask, load_comae
 from pipeline.train.checkpoint import latest_checkpoint
 from pipeline.train.trainer import NonFiniteError, StepContext, Trainer
-from tests.support import free_port
+from tests.support import as_rank, free_port
 
 GRID, DIM = 4, 4
 N = GRID * GRID
@@ -329,9 +328,7 @@ def test_load_comae_refuses_mixed_folder(tmp_path: Path) -> None:
 
 
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), COP_NO_PROGRESS="1")
-    torch.set_num_threads(1)
+    as_rank(rank, world, port)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
         _fit(Path(out), cfg=train_cfg(steps=4, ckpt_every=4))

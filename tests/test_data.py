@@ -28,11 +28,6 @@ from pipeline.data.synthetic import (MAX_CLASSES, SHAPES, TEXTURES, _frame, clas
 from pipeline.utils.dist import DistInfo
 
 
-@pytest.fixture(autouse=True)
-def _quiet(monkeypatch):
-    monkeypatch.setenv("COP_NO_PROGRESS", "1")
-
-
 def tiny_params(**data) -> Params:
     raw = {"source": "synthetic", "crop_size": 32, "shard_size": 4,
            "synthetic": {"num_classes": 3, "train_per_class": 4, "val_per_class": 2, "image_size": 40}}

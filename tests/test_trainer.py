@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from pipeline.train.checkpoint import latest_checkpoint
 from pipeline.train.schedules import lr_at
 from pipeline.train.steps import StepBatchSampler
 from pipeline.train.trainer import NonFiniteError, Trainer, TrainTask
-from tests.support import free_port
+from tests.support import as_rank, free_port
 
 
 class ToyTask(TrainTask):
@@ -173,9 +172,7 @@ def test_half_written_checkpoint_is_ignored(tmp_path):
 
 
 def _ddp_worker(rank: int, world: int, port: int, out: str, alternate: bool) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+    as_rank(rank, world, port)
     from pipeline.utils.dist import cleanup, init_distributed
 
     init_distributed("gloo")
