@@ -1,26 +1,31 @@
 """CViT evaluation (paper Tab. 5, Fig. 8): accuracy of every Tab. 5 row at every mask ratio,
-the cost of a forward pass with patches dropped, and the ViT as a feature extractor.
+the cost of a forward pass with patches dropped, the table, CSV and figure ``eval_cvit``
+writes, and the ViT as a feature extractor.
 
 The rows and the drop policies are those of :mod:`pipeline.tasks.cvit`.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import statistics
 import time
+from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.metrics.curves import topk_correct
+from pipeline.metrics.curves import auc, kneedle, topk_correct
 from pipeline.models.vit import VisionTransformer, vit_forward_flops
 from pipeline.tasks.cvit import (
     ROWS, OrdersMismatchError, images_to_input, keep_first, num_keep, orders_tokenizer_fingerprint,
 )
 from pipeline.utils.device import autocast
 from pipeline.utils.images import to_unit
+from pipeline.utils.io import atomic_path
 
 
 def check_model_fits(name: str, model: VisionTransformer, meta: dict[str, Any], orders: Any,
@@ -149,4 +154,69 @@ def vit_features(vit: VisionTransformer, images_u8: np.ndarray, batch: int) -> t
     return torch.cat(feats).numpy(), torch.cat(logits).numpy()
 
 
-__all__ = ["check_model_fits", "evaluate_rows", "measure_cost", "ratio_label", "vit_features"]
+# ----------------------------------------------------------------------------- Tab. 5, Fig. 8
+
+
+TABLE_RATIOS = (0.0, 0.3, 0.5, 0.78)  # the Tab. 5 columns
+
+
+def table(curves: dict[str, dict[str, list[float]]], ratios: list[float]) -> dict[str, dict[str, Any]]:
+    """Per row: top1@r / top5@r for the Tab. 5 ratios, AuC and knee of the top-1 curve."""
+    out: dict[str, dict[str, Any]] = {}
+    for row, c in curves.items():
+        entry: dict[str, Any] = {}
+        for r in TABLE_RATIOS:
+            j = ratios.index(r)
+            entry[f"top1@{ratio_label(r)}"] = round(c["top1"][j], 4)
+            entry[f"top5@{ratio_label(r)}"] = round(c["top5"][j], 4)
+        entry["AuC"] = round(auc(ratios, c["top1"]), 4)
+        entry["knee"] = kneedle(ratios, c["top1"])
+        out[row] = entry
+    return out
+
+
+def accuracy_csv(curves: dict[str, dict[str, list[float]]], ratios: list[float]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["mask_ratio", *ROWS])
+    order = sorted(range(len(ratios)), key=lambda j: ratios[j])
+    for j in order:
+        w.writerow([ratios[j], *(f"{curves[row]['top1'][j]:.4f}" for row in ROWS)])
+    return buf.getvalue()
+
+
+def plot_fig8(path: Path, curves: dict[str, dict[str, list[float]]], ratios: list[float],
+              rows: dict[str, dict[str, Any]], title: str) -> None:
+    """Fig. 8: top-1 vs mask ratio, one line per row, knees marked, 78% shaded as in the paper."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = sorted(range(len(ratios)), key=lambda j: ratios[j])
+    xs = [ratios[j] for j in order]
+    fig, ax = plt.subplots(figsize=(5.2, 3.8), dpi=150)
+    ax.axvspan(0.78, 1.0, color="0.92", zorder=0)
+    ax.text(0.79, 0.03, ">78% masked", transform=ax.get_xaxis_transform(), fontsize=8, color="0.35")
+    for row in ROWS:
+        ys = [curves[row]["top1"][j] for j in order]
+        (line,) = ax.plot(xs, ys, marker="o", markersize=3, label=row)
+        knee = rows[row]["knee"]
+        if knee is not None:
+            ax.plot([knee], [curves[row]["top1"][ratios.index(knee)]], marker="x", markersize=8,
+                    color=line.get_color())
+    ax.set_xlabel("mask ratio")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(bottom=0)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+__all__ = ["TABLE_RATIOS", "accuracy_csv", "check_model_fits", "evaluate_rows", "measure_cost",
+           "plot_fig8", "ratio_label", "table", "vit_features"]
