@@ -20,8 +20,7 @@ from pipeline.orders.shards import (
     shard_bytes,
 )
 from pipeline.utils.io import sha256_bytes
-from tests.test_orders_export import CFG, COMAE_ID
-from tests.orders_data import make_store, tiny_comae
+from tests.orders_data import CFG, COMAE_ID, make_store, tiny_comae
 from tests.support import tar_bytes
 
 

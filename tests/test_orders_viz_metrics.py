@@ -12,8 +12,7 @@ from pipeline.metrics.objectness import objectness, patch_labels, roc_auc, top_s
 from pipeline.orders.export import export_split
 from pipeline.orders.shards import CollapseOrders
 from pipeline.orders.viz import fig4, show_orders
-from tests.test_orders_export import CFG, COMAE_ID
-from tests.orders_data import make_store, tiny_comae
+from tests.orders_data import CFG, COMAE_ID, make_store, tiny_comae
 
 
 def test_patch_labels_half_rule() -> None:
