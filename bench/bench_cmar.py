@@ -24,8 +24,7 @@ import numpy as np
 import torch
 
 from pipeline.config import load_params
-from pipeline.models.cmar_task import CmarTask
-from pipeline.models.mar import build_mar
+from pipeline.tasks.cmar import CmarTask, build_mar
 from pipeline.train.trainer import StepContext
 from pipeline.utils.device import autocast
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.models.cvit_task import num_keep
+from pipeline.tasks.cvit import num_keep
 from pipeline.models.vit import VIT_B16, VisionTransformer, VitArch, vit_forward_flops
 from pipeline.utils.device import autocast
 

@@ -129,7 +129,8 @@ class TrainConfig(Section):
     ckpt_every: int = Field(100, ge=1)
     log_every: int = Field(10, ge=1)
     num_workers: int = Field(0, ge=0)
-    seed: int = 0
+    seed: int = Field(0, description="this run's data order, flips and per-step noise (the "
+                      "trainer's (seed, step) stream); the initial weights follow the root seed")
 
     @model_validator(mode="after")
     def _lr_order(self) -> "TrainConfig":
@@ -198,6 +199,9 @@ class OrdersConfig(Section):
 
 
 # ----------------------------------------------------------------------------- CViT
+
+# The models of Tab. 5 (``train_cvit --variant``): full images, random drops, collapse drops.
+VARIANTS = ("vit", "rvit", "cvit")
 
 
 class CvitConfig(Section):
@@ -286,7 +290,9 @@ class CmarConfig(Section):
 
 
 class Params(Section):
-    seed: int = 0
+    seed: int = Field(0, description="initial weights (CoMAE, CViT), the generated data set, "
+                      "eval_cvit's random drops and eval_cmar's sampling; each training run's "
+                      "data order and noise follow its own train.seed")
     data: DataConfig = DataConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
     latents: LatentsConfig = LatentsConfig()

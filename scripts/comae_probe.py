@@ -24,7 +24,7 @@ from pipeline.data.imageset import ImageSet
 from pipeline.latents.store import LatentStore
 from pipeline.metrics.objectness import compare, patch_labels
 from pipeline.metrics.selection import selection_report
-from pipeline.models.comae import load_comae
+from pipeline.tasks.comae import load_comae
 from pipeline.orders import baselines
 from pipeline.orders.pagerank import pagerank_torch
 

@@ -1,6 +1,6 @@
 """Stage ``eval_cvit``: Tab. 5 and Fig. 8 on the ``val`` split.
 
-For every row of Tab. 5 (ViT, ViT+C, RViT, CViT; see ``pipeline.models.cvit_task``) and every
+For every row of Tab. 5 (ViT, ViT+C, RViT, CViT; see ``pipeline.tasks.cvit``) and every
 mask ratio of ``cvit.eval_ratios``: top-1 / top-5 (%). Per row, AuC (mean top-1 over the
 ratio span, trapezoids) and the Kneedle knee of the top-1 curve. Per ratio, the FLOP ratio
 and the measured wall-time ratio of a forward pass with that many patches dropped against the
@@ -15,8 +15,6 @@ Writes ``data/metrics/cvit.json`` (one block per row with the Tab. 5 columns, pl
 
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 from typing import Any
 
@@ -25,76 +23,13 @@ from torch.utils.data import DataLoader
 
 from pipeline.config import Params
 from pipeline.data.imageset import ImageSet
-from pipeline.metrics.curves import auc, kneedle
-from pipeline.models.cvit_task import (
-    ROWS, VARIANTS, CvitImageDataset, check_model_fits, evaluate_rows, images_to_input,
-    load_cvit, measure_cost, ratio_label,
-)
 from pipeline.orders.shards import CollapseOrders
+from pipeline.tasks.cvit import VARIANTS, CvitImageDataset, images_to_input, load_cvit
+from pipeline.tasks.cvit_eval import (accuracy_csv, check_model_fits, evaluate_rows, measure_cost,
+                                      plot_fig8, ratio_label, table)
 from pipeline.utils.device import pick_device
-from pipeline.utils.io import atomic_path, atomic_write_json, atomic_write_text
+from pipeline.utils.io import atomic_write_json, atomic_write_text
 from pipeline.utils.progress import progress
-
-TABLE_RATIOS = (0.0, 0.3, 0.5, 0.78)  # the Tab. 5 columns
-
-
-def table(curves: dict[str, dict[str, list[float]]], ratios: list[float]) -> dict[str, dict[str, Any]]:
-    """Per row: top1@r / top5@r for the Tab. 5 ratios, AuC and knee of the top-1 curve."""
-    out: dict[str, dict[str, Any]] = {}
-    for row, c in curves.items():
-        entry: dict[str, Any] = {}
-        for r in TABLE_RATIOS:
-            j = ratios.index(r)
-            entry[f"top1@{ratio_label(r)}"] = round(c["top1"][j], 4)
-            entry[f"top5@{ratio_label(r)}"] = round(c["top5"][j], 4)
-        entry["AuC"] = round(auc(ratios, c["top1"]), 4)
-        entry["knee"] = kneedle(ratios, c["top1"])
-        out[row] = entry
-    return out
-
-
-def accuracy_csv(curves: dict[str, dict[str, list[float]]], ratios: list[float]) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["mask_ratio", *ROWS])
-    order = sorted(range(len(ratios)), key=lambda j: ratios[j])
-    for j in order:
-        w.writerow([ratios[j], *(f"{curves[row]['top1'][j]:.4f}" for row in ROWS)])
-    return buf.getvalue()
-
-
-def plot_fig8(path: Path, curves: dict[str, dict[str, list[float]]], ratios: list[float],
-              rows: dict[str, dict[str, Any]], title: str) -> None:
-    """Fig. 8: top-1 vs mask ratio, one line per row, knees marked, 78% shaded as in the paper."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    order = sorted(range(len(ratios)), key=lambda j: ratios[j])
-    xs = [ratios[j] for j in order]
-    fig, ax = plt.subplots(figsize=(5.2, 3.8), dpi=150)
-    ax.axvspan(0.78, 1.0, color="0.92", zorder=0)
-    ax.text(0.79, 0.03, ">78% masked", transform=ax.get_xaxis_transform(), fontsize=8, color="0.35")
-    for row in ROWS:
-        ys = [curves[row]["top1"][j] for j in order]
-        (line,) = ax.plot(xs, ys, marker="o", markersize=3, label=row)
-        knee = rows[row]["knee"]
-        if knee is not None:
-            ax.plot([knee], [curves[row]["top1"][ratios.index(knee)]], marker="x", markersize=8,
-                    color=line.get_color())
-    ax.set_xlabel("mask ratio")
-    ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(bottom=0)
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-
 
 def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
     data_dir = Path(data_dir)
@@ -155,6 +90,6 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from pipeline.cli import stage_entry
+    from stages.cli import stage_entry
 
     stage_entry("eval-cvit")

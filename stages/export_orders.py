@@ -14,11 +14,11 @@ from typing import Any
 from pipeline.config import Params, params_dict
 from pipeline.data.imageset import ImageSet
 from pipeline.latents.store import LatentStore
-from pipeline.models.comae import load_comae
 from pipeline.orders.export import SplitResult, export_split
 from pipeline.orders.report import format_table, order_report, split_scores
 from pipeline.orders.shards import CollapseOrders
 from pipeline.orders.viz import show_orders
+from pipeline.tasks.comae import load_comae
 from pipeline.utils.device import pick_device
 from pipeline.utils.dist import cleanup, init_distributed
 from pipeline.utils.io import atomic_write_json
@@ -105,6 +105,6 @@ def headline(report: dict[str, Any] | None, stats: dict[str, Any], speed: float 
 
 
 if __name__ == "__main__":
-    from pipeline.cli import stage_entry
+    from stages.cli import stage_entry
 
     stage_entry("export-orders")

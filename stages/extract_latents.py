@@ -19,7 +19,7 @@ from pipeline.config import Params, TokenizerConfig, params_dict
 from pipeline.data.imageset import ImageSet
 from pipeline.latents.store import FORMAT
 from pipeline.latents.writer import extract_latents
-from pipeline.tokenizers import Tokenizer, build_tokenizer, load_tokenizer
+from pipeline.tokenizers import LATENTS_TOKENIZER_DIR, Tokenizer, build_tokenizer, latents_tokenizer
 from pipeline.utils.device import pick_device
 from pipeline.utils.dist import DistInfo, barrier, cleanup, init_distributed
 from pipeline.utils.io import atomic_write_json
@@ -34,11 +34,12 @@ def fit_indices(n: int, k: int) -> list[int]:
     return np.linspace(0, n - 1, k).round().astype(int).tolist() if k else []
 
 
-def _tokenizer(cfg: TokenizerConfig, train: ImageSet, tok_dir: Path, info: DistInfo) -> Tokenizer:
+def _tokenizer(cfg: TokenizerConfig, train: ImageSet, latents_dir: Path, info: DistInfo) -> Tokenizer:
+    """Rank 0 fits the stand-in and saves it with the latents; the other ranks (and KL-16
+    everywhere) load what ``latents_tokenizer`` will also give the stages downstream."""
     device = pick_device(info.local_rank)
-    if cfg.kind == "kl16":
-        return build_tokenizer(cfg, device=device)
-    if info.is_main:
+    tok_dir = latents_dir / LATENTS_TOKENIZER_DIR
+    if cfg.kind == "patch" and info.is_main:
         images = np.stack([train.image(i) for i in fit_indices(len(train), cfg.fit_images)])
         tok = build_tokenizer(cfg, fit_images=images, device=device)
         # The fit is deterministic; rewrite only when the weights changed, so a rerun leaves
@@ -48,9 +49,9 @@ def _tokenizer(cfg: TokenizerConfig, train: ImageSet, tok_dir: Path, info: DistI
                 != tok.weights_sha256():
             tok.save(tok_dir)
     barrier()
-    if info.is_main:
+    if cfg.kind == "patch" and info.is_main:
         return tok
-    return load_tokenizer(tok_dir, cfg.precision, cfg.channels_last, device=device)
+    return latents_tokenizer(cfg, latents_dir, device, cfg.precision, cfg.channels_last)
 
 
 def _skipped_inputs(split_dir: Path) -> dict[str, Any]:
@@ -68,7 +69,7 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> None:
     try:
         sets = {s: ImageSet(data_dir / "images" / s) for s in SPLITS}
         out_dir = data_dir / "latents"
-        tok = _tokenizer(params.tokenizer, sets["train"], out_dir / "tokenizer", info)
+        tok = _tokenizer(params.tokenizer, sets["train"], out_dir, info)
         results = {
             s: extract_latents(sets[s], tok, out_dir / f"{s}.zarr", params.latents,
                                params.tokenizer, desc=f"latents {s}").to_dict()
@@ -109,6 +110,6 @@ def _write_report(data_dir: Path, params: Params, tok: Tokenizer, results: dict[
 
 
 if __name__ == "__main__":
-    from pipeline.cli import stage_entry
+    from stages.cli import stage_entry
 
     stage_entry("extract-latents")

@@ -30,6 +30,6 @@ def run(params: Params) -> None:
 
 
 if __name__ == "__main__":
-    from pipeline.cli import stage_entry
+    from stages.cli import stage_entry
 
     stage_entry("prepare")

@@ -18,8 +18,8 @@ import torch
 from pipeline.config import Params
 from pipeline.latents.store import LatentStore, TokenGridDataset
 from pipeline.metrics.mechanism import MechanismDataset, precision_at_1
-from pipeline.models.comae import CoMAE, load_comae
-from pipeline.models.comae_task import ComaeTask
+from pipeline.models.comae import CoMAE
+from pipeline.tasks.comae import ComaeTask, load_comae
 from pipeline.train.trainer import Trainer
 from pipeline.utils.dist import cleanup, init_distributed
 from pipeline.utils.io import atomic_write_json
@@ -34,9 +34,10 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
         torch.manual_seed(params.seed)
         model = CoMAE(cfg, store.grid, store.dim)
         train_cfg = cfg.train.model_copy(update={"steps": cfg.probe_steps})
-        trainer = Trainer(ComaeTask(model, cfg), MechanismDataset(TokenGridDataset(store)),
-                          train_cfg, data_dir / "comae_probe", desc="comae probe",
-                          on_config_mismatch="restart")
+        task = ComaeTask(model, cfg, extra_config={"init_seed": params.seed, "probe": "copy-mechanism"})
+        trainer = Trainer(task, MechanismDataset(TokenGridDataset(store)), train_cfg,
+                          data_dir / "comae_probe", inputs={"latents": store.identity},
+                          desc="comae probe")
         final = trainer.fit()
         if not info.is_main:
             return final
@@ -55,6 +56,6 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from pipeline.cli import stage_entry
+    from stages.cli import stage_entry
 
     stage_entry("probe-comae")

@@ -2,10 +2,10 @@
 
 The shared trainer does resume, DDP (``torchrun -m stages.train_comae``), EMA and bf16; the
 CoMAE task alternates f and g step by step. Writes ``data/comae/{model,model_ema}.safetensors``
-+ ``config.json`` (read by :func:`pipeline.models.comae.load_comae`), the per-window curves
++ ``config.json`` (read by :func:`pipeline.tasks.comae.load_comae`), the per-window curves
 ``data/plots/comae_train.csv`` (step, L_r, L_c, H_mask, tau, lr, items_per_s, ...) and
-``..._epochs.csv``, the headline figures in ``data/metrics/comae.json`` and the full record in
-``data/reports/comae.json``. After training, the held-out diagnostics of
+``..._epochs.csv``, the full record in ``data/reports/comae.json`` and the headline figures in
+``data/metrics/comae.json``. After training, the held-out diagnostics of
 :mod:`pipeline.metrics.selection` (does the selection know the image?) run on the val split
 and the histogram of w goes to ``data/plots/comae_w_hist.csv``.
 """
@@ -15,21 +15,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-import numpy as np
-
-from pipeline.config import Params, params_dict
+from pipeline.config import Params
 from pipeline.latents.store import LatentStore, TokenGridDataset
 from pipeline.metrics.selection import format_selection, selection_report
-from pipeline.models.comae import CoMAE, load_comae
-from pipeline.models.comae_task import ComaeTask
+from pipeline.models.comae import CoMAE
 from pipeline.models.layers import count_params
+from pipeline.tasks.comae import ComaeTask, load_comae
 from pipeline.train.trainer import Trainer
 from pipeline.utils.dist import cleanup, init_distributed
-from pipeline.utils.io import atomic_write_json, write_csv
+from pipeline.utils.io import atomic_write_json, read_json, write_csv
 
-# Headline figures for `dvc metrics show`; everything else goes to data/reports/comae.json.
+# Headline figures for `dvc metrics show`; the rest is in data/reports/comae.json.
 HEADLINE = ("L_r", "L_c", "H_mask", "tau", "train_steps", "wall_time_s")
 VAL_HEADLINE = ("L_r_own", "L_r_mean_w", "L_r_clean", "w_gain", "w_gain_ci", "L_r_linear8",
                 "H_mask_per_entry", "w_mid_share")
@@ -46,40 +45,48 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
         torch.manual_seed(params.seed)  # initial weights are a function of the seed
         model = CoMAE(cfg, store.grid, store.dim)
         model.check_store(store)
-        task = ComaeTask(model, cfg)
+        task = ComaeTask(model, cfg, extra_config={"init_seed": params.seed})
+        report = {"lambda": cfg.lambda_, "sigma": cfg.sigma,
+                  "targets_per_image": cfg.targets_per_image, "params": count_params(model),
+                  "grid": store.grid, "token_dim": store.dim}
+        record = data_dir / "reports" / "comae.json"
         trainer = Trainer(task, TokenGridDataset(store), cfg.train, data_dir / "comae",
-                          log_csv=data_dir / "plots" / "comae_train.csv", desc="comae",
-                          on_config_mismatch="restart")
+                          inputs={"latents": store.identity},
+                          log_csv=data_dir / "plots" / "comae_train.csv",
+                          metrics_json=record, report=report, desc="comae")
         final = trainer.fit()
         if not info.is_main:
             return final
-        trained, _ = load_comae(data_dir / "comae")  # the weights export_orders will read
-        val_path = data_dir / "latents" / "val.zarr"
-        figures: dict[str, Any] = {}
-        if val_path.exists():
-            val = LatentStore(val_path, in_memory=True)
-            figures, hist = selection_report(trained, store.tokens(np.arange(len(store))),
-                                             val.tokens(np.arange(len(val))), seed=params.seed)
-            write_csv(data_dir / "plots" / "comae_w_hist.csv", hist)
-        metrics = {k: final.get(k) for k in HEADLINE}
-        metrics.update({f"val_{k}": figures[k] for k in VAL_HEADLINE if k in figures})
-        atomic_write_json(data_dir / "metrics" / "comae.json", metrics)
-        atomic_write_json(data_dir / "reports" / "comae.json", {
-            "params": params_dict(cfg), "model_params": count_params(model), "grid": store.grid,
-            "token_dim": store.dim, "train": final, "val": figures})
         print(f"[comae] L_r {final.get('L_r', float('nan')):.4f}  L_c "
               f"{final.get('L_c', float('nan')):.4f}  H_mask {final.get('H_mask', float('nan')):.3f}"
               f"  tau {final.get('tau', float('nan')):.4f} after {final.get('train_steps')} steps "
               f"({final.get('wall_time_s', 0):.0f} s, {final.get('items_per_s', 0):.0f} "
               f"reconstructions/s) -> {data_dir / 'comae'}", flush=True)
-        if figures:
-            print(format_selection(figures), flush=True)
+        figures = _val_diagnostics(data_dir, store, params.seed)
+        atomic_write_json(record, {**read_json(record), "val": figures})
+        metrics = {k: final.get(k) for k in HEADLINE}
+        metrics.update({f"val_{k}": figures[k] for k in VAL_HEADLINE if k in figures})
+        atomic_write_json(data_dir / "metrics" / "comae.json", metrics)
         return metrics
     finally:
         cleanup()
 
 
+def _val_diagnostics(data_dir: Path, train: LatentStore, seed: int) -> dict[str, Any]:
+    """Selection diagnostics of the weights export_orders will read, on the val split."""
+    val_path = data_dir / "latents" / "val.zarr"
+    if not val_path.exists():
+        return {}
+    trained, _ = load_comae(data_dir / "comae")
+    val = LatentStore(val_path, in_memory=True)
+    figures, hist = selection_report(trained, train.tokens(np.arange(len(train))),
+                                     val.tokens(np.arange(len(val))), seed=seed)
+    write_csv(data_dir / "plots" / "comae_w_hist.csv", hist)
+    print(format_selection(figures), flush=True)
+    return figures
+
+
 if __name__ == "__main__":
-    from pipeline.cli import stage_entry
+    from stages.cli import stage_entry
 
     stage_entry("train-comae")

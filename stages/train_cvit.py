@@ -18,39 +18,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from pipeline.config import Params
 from pipeline.data.imageset import ImageSet
-from pipeline.models.cvit_task import (
-    TRAIN_DROP, VARIANTS, CvitImageDataset, CvitTask, orders_tokenizer_fingerprint,
-)
 from pipeline.models.layers import count_params
-from pipeline.models.vit import VisionTransformer, VitArch, load_pretrained
 from pipeline.orders.shards import CollapseOrders
+from pipeline.tasks.cvit import (
+    TRAIN_DROP, VARIANTS, CvitImageDataset, CvitTask, build_vit, orders_tokenizer_fingerprint,
+)
 from pipeline.train.trainer import Trainer
 from pipeline.utils.dist import cleanup, init_distributed
-from pipeline.utils.io import atomic_write_json, sha256_file
-
-
-def build_model(params: Params, crop_size: int, grid: int, num_classes: int,
-                ) -> tuple[VisionTransformer, dict[str, Any]]:
-    """The variant's ViT on the latent grid, from timm weights when ``cvit.pretrained`` is set."""
-    cfg = params.cvit
-    arch = VitArch.for_grid(crop_size, grid, num_classes, dim=cfg.dim, depth=cfg.depth,
-                            heads=cfg.heads, mlp_ratio=cfg.mlp_ratio)
-    torch.manual_seed(params.seed)  # the same initial weights for every variant
-    model = VisionTransformer(arch)
-    info: dict[str, Any] = {"pretrained": None}
-    if cfg.pretrained:
-        report = load_pretrained(model, cfg.pretrained, allow_missing_keys=cfg.allow_missing_keys)
-        print(f"[cvit] pretrained {cfg.pretrained}: {report.summary()}", flush=True)
-        info = {"pretrained": str(cfg.pretrained), "pretrained_sha256": sha256_file(cfg.pretrained),
-                "loaded": len(report.loaded), "missing": report.missing,
-                "unexpected": report.unexpected, "dropped": report.dropped,
-                "reinitialized": report.reinitialized,
-                "pos_embed_resized": report.pos_embed_resized}
-    return model, info
+from pipeline.utils.io import atomic_write_json
 
 
 def run(params: Params, variant: str = "cvit", data_dir: Path | str = Path("data")) -> dict[str, Any]:
@@ -66,20 +43,22 @@ def run(params: Params, variant: str = "cvit", data_dir: Path | str = Path("data
         uses_orders = TRAIN_DROP[variant] == "collapse"
         dataset = CvitImageDataset(images, orders if uses_orders else None,
                                    check_orders=orders)
-        model, pre = build_model(params, images.crop_size, orders.grid, len(images.classes))
+        model, pre = build_vit(params, images.crop_size, orders.grid, len(images.classes))
         task = CvitTask(model, variant, cfg.max_mask_ratio, orders_tokenizer_fingerprint(orders),
                         extra_config={"pretrained_sha256": pre.get("pretrained_sha256"),
                                       "init_seed": params.seed})
         out_dir = data_dir / "cvit" / variant
-        metrics_path = data_dir / "metrics" / f"cvit_train_{variant}.json"
-        trainer = Trainer(task, dataset, cfg.train, out_dir, log_csv=out_dir / "train_log.csv",
-                          desc=f"cvit[{variant}]", on_config_mismatch="restart")
+        report = {"variant": variant, "drop": TRAIN_DROP[variant], "params": count_params(model),
+                  "grid": model.arch.grid, "patch_size": model.arch.patch_size}
+        trainer = Trainer(task, dataset, cfg.train, out_dir,
+                          inputs={"images": images.identity, "orders": orders.identity},
+                          log_csv=out_dir / "train_log.csv", report=report,
+                          metrics_json=data_dir / "metrics" / f"cvit_train_{variant}.json",
+                          desc=f"cvit[{variant}]")
         final = trainer.fit()
-        metrics = {"variant": variant, "drop": TRAIN_DROP[variant], "params": count_params(model),
-                   "grid": model.arch.grid, "patch_size": model.arch.patch_size, **final}
+        metrics = {**report, **final}
         if info.is_main:
             atomic_write_json(out_dir / "pretrained.json", pre)
-            atomic_write_json(metrics_path, metrics)
             print(f"[cvit] {variant}: loss {final.get('loss', float('nan')):.4f}, train acc "
                   f"{final.get('acc', float('nan')):.3f} after {final.get('train_steps')} steps "
                   f"({final.get('wall_time_s', 0):.0f} s) -> {out_dir}", flush=True)
@@ -89,6 +68,6 @@ def run(params: Params, variant: str = "cvit", data_dir: Path | str = Path("data
 
 
 if __name__ == "__main__":
-    from pipeline.cli import stage_entry
+    from stages.cli import stage_entry
 
     stage_entry("train-cvit")

@@ -1,8 +1,11 @@
-"""Helpers shared by several test modules (not a test module itself)."""
+"""Helpers shared by several test modules (not a test module itself; fixtures: conftest.py)."""
 
 from __future__ import annotations
 
+import io
+import os
 import socket
+import tarfile
 
 
 def free_port() -> int:
@@ -10,3 +13,59 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def as_rank(rank: int, world: int, port: int) -> None:
+    """In a spawned worker: the environment torchrun would give rank ``rank`` of ``world``
+    (one thread, no progress bars), before the worker joins the gloo group."""
+    import torch
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), COP_NO_PROGRESS="1")
+    torch.set_num_threads(1)
+
+
+def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
+    """An uncompressed tar holding ``members`` (name, bytes) in order, as webdataset writes."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def write_imageset(split_dir, split: str, images: list[tuple[str, int, "np.ndarray"]],
+                   classes: list[str], crop_size: int, per_shard: int, source: dict,
+                   fingerprint: str):
+    """A real prepared split (``pipeline.data.imageset`` shards + index) from (key, label,
+    uint8 image) triples; rows in key order, ``per_shard`` images per tar."""
+    from pipeline.data.imageset import ImageSet, Record, encode_image, shard_name, write_index, write_shard
+
+    records = sorted((Record(key=k, label=c, image=encode_image(img)) for k, c, img in images),
+                     key=lambda r: r.key)
+    split_dir.mkdir(parents=True, exist_ok=True)
+    shards = [write_shard(split_dir / shard_name(j), records[s:s + per_shard], "png")
+              for j, s in enumerate(range(0, len(records), per_shard))]
+    write_index(split_dir, split=split, crop_size=crop_size, classes=list(classes),
+                image_format="png", source=source, fingerprint=fingerprint, shards=shards)
+    return ImageSet(split_dir)
+
+
+def write_store(path, keys: list[str], labels: list[int], moments: "np.ndarray", attrs: dict,
+                fingerprint: str):
+    """A complete latent store (``create_store``, chunks of 4 rows, shards of 8) holding
+    ``moments`` [n, 2, 2·dim, grid, grid]; ``attrs``: tokenizer, crop_size, scale_factor,
+    classes, source."""
+    import zarr
+
+    from pipeline.latents.store import LatentStore, create_store
+
+    create_store(path, keys=keys, labels=labels, grid=moments.shape[-1], dim=moments.shape[2] // 2,
+                 rows_per_chunk=4, rows_per_shard=8, compression_level=1, fingerprint=fingerprint,
+                 attrs=attrs)
+    root = zarr.open_group(str(path), mode="r+")
+    root["moments"][:] = moments
+    root.attrs["complete"] = True
+    return LatentStore(path)

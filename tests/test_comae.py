@@ -5,7 +5,6 @@ after a kill, 2-process DDP == 1 process)."""
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -18,15 +17,14 @@ from pipeline.models.comae import (
     ComaeError,
     _cls_only_block,
     contrastive_loss,
-    load_comae,
     mask_entropy,
     noise_alpha,
     reconstruction_loss,
 )
-from pipeline.models.comae_task import ComaeTask
+from pipeline.tasks.comae import ComaeTask, load_comae
 from pipeline.train.checkpoint import latest_checkpoint
-from pipeline.train.trainer import ConfigMismatchError, NonFiniteError, StepContext, Trainer
-from tests.support import free_port
+from pipeline.train.trainer import NonFiniteError, StepContext, Trainer
+from tests.support import as_rank, free_port
 
 GRID, DIM = 4, 4
 N = GRID * GRID
@@ -241,31 +239,40 @@ def test_nan_batch_stops_before_any_update(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- trainer + files
 
 
-def _fit(out: Path, cfg: TrainConfig | None = None, model_kw: dict | None = None,
-         callbacks=()) -> tuple[CoMAE, dict]:
-    model_kw = model_kw or {}
-    m = tiny(**model_kw)
-    task = ComaeTask(m, ComaeConfig(**{**TINY, **model_kw}))
-    final = Trainer(task, Grids(), cfg or train_cfg(), out, log_csv=out / "log.csv",
-                    metrics_json=out / "metrics.json", callbacks=callbacks).fit()
-    return m, final
-
-
 class Killed(Exception):
     pass
 
 
-def test_resume_after_kill_matches_uninterrupted(tmp_path: Path) -> None:
+class KilledAt(ComaeTask):
+    """The CoMAE task, killed when it reaches ``step`` (as a kill between checkpoints would)."""
+
+    def __init__(self, model: CoMAE, cfg: ComaeConfig, step: int | None) -> None:
+        super().__init__(model, cfg)
+        self.kill_at = step
+
+    def loss(self, model, batch, ctx):
+        if ctx.step == self.kill_at:
+            raise Killed
+        return super().loss(model, batch, ctx)
+
+
+def _fit(out: Path, cfg: TrainConfig | None = None, model_kw: dict | None = None,
+         kill_at: int | None = None, inputs: dict | None = None) -> tuple[CoMAE, dict]:
+    model_kw = model_kw or {}
+    m = tiny(**model_kw)
+    task = KilledAt(m, ComaeConfig(**{**TINY, **model_kw}), kill_at)
+    final = Trainer(task, Grids(), cfg or train_cfg(), out, log_csv=out / "log.csv",
+                    metrics_json=out / "metrics.json", inputs=inputs).fit()
+    return m, final
+
+
+def test_resume_after_kill_matches_uninterrupted(tmp_path: Path, capsys) -> None:
     ref, final = _fit(tmp_path / "ref")
     assert {"L_r", "L_c", "H_mask", "tau", "lr", "items_per_s"} <= set(final)
 
-    def kill_at_5(step: int, trainer: Trainer) -> None:
-        if step == 5:  # after the step-4 checkpoint, before the next one
-            raise Killed
-
     out = tmp_path / "run"
     with pytest.raises(Killed):
-        _fit(out, callbacks=[kill_at_5])
+        _fit(out, kill_at=5)  # after the step-4 checkpoint, before the next one
     # a kill during the next checkpoint's write leaves a half-written folder behind
     half = out / "checkpoints" / "step-0000006"
     half.mkdir()
@@ -287,9 +294,24 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path: Path) -> None:
     with pytest.raises(ComaeError, match="enc_dim: 16 != 32"):
         load_comae(out, expect=ComaeConfig(**{**TINY, "enc_dim": 32}))
     load_comae(out, expect=ComaeConfig(**{**TINY, "lambda": 0.0}))  # training-only key: fine
-    # resuming the checkpoints with another loss setting is another experiment: refused
-    with pytest.raises(ConfigMismatchError, match="sigma"):
-        _fit(out, model_kw={"sigma": 0.25})
+    # resuming the checkpoints with another loss setting is another experiment: it starts over
+    capsys.readouterr()
+    _, again = _fit(out, model_kw={"sigma": 0.25})
+    assert again["steps_this_run"] == again["train_steps"]
+    assert "starting over" in capsys.readouterr().out.split("sigma")[0]
+
+
+def test_other_latents_start_the_training_over(tmp_path: Path, capsys) -> None:
+    """DVC re-runs train_comae on new latents with the old (persisted) checkpoints in place:
+    a finished run made from other latents must not be resumed."""
+    _fit(tmp_path, cfg=train_cfg(steps=4), inputs={"latents": {"fingerprint": "old"}})
+    _, same = _fit(tmp_path, cfg=train_cfg(steps=4), inputs={"latents": {"fingerprint": "old"}})
+    assert same["steps_this_run"] == 0
+    capsys.readouterr()
+    _, new = _fit(tmp_path, cfg=train_cfg(steps=4), inputs={"latents": {"fingerprint": "new"}})
+    assert new["steps_this_run"] == 4
+    said = [ln for ln in capsys.readouterr().out.splitlines() if "starting over" in ln]
+    assert len(said) == 1 and "inputs.latents.fingerprint: 'old' != 'new'" in said[0]
 
 
 def test_load_comae_refuses_mixed_folder(tmp_path: Path) -> None:
@@ -306,9 +328,7 @@ def test_load_comae_refuses_mixed_folder(tmp_path: Path) -> None:
 
 
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), COP_NO_PROGRESS="1")
-    torch.set_num_threads(1)
+    as_rank(rank, world, port)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
         _fit(Path(out), cfg=train_cfg(steps=4, ckpt_every=4))

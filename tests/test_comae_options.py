@@ -7,7 +7,7 @@ import torch
 
 from pipeline.config import ComaeConfig, TrainConfig
 from pipeline.models.comae import CoMAE, budget_shift
-from pipeline.models.comae_task import ComaeTask
+from pipeline.tasks.comae import ComaeTask
 from pipeline.train.trainer import StepContext
 
 

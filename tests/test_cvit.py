@@ -13,14 +13,15 @@ import torch
 
 from pipeline.config import parse_params
 from pipeline.data.imageset import ImageSet
-from pipeline.models.cvit_task import (
-    CvitImageDataset, CvitTask, OrdersMismatchError, check_model_fits, cosine_mask_ratio,
-    images_to_input, load_cvit, num_keep, orders_tokenizer_fingerprint, random_order,
-)
 from pipeline.models.vit import VisionTransformer, VitArch
 from pipeline.orders.shards import CollapseOrders
+from pipeline.tasks.cvit import (
+    CvitImageDataset, CvitTask, OrdersMismatchError, build_vit, cosine_mask_ratio, images_to_input,
+    load_cvit, num_keep, orders_tokenizer_fingerprint, random_order,
+)
+from pipeline.tasks.cvit_eval import check_model_fits
 from pipeline.train.trainer import StepContext
-from tests.test_cvit_support import TOKENIZER, make_data_dir, make_imageset, make_orders
+from tests.cvit_data import TOKENIZER, make_data_dir, make_imageset, make_orders
 
 
 @pytest.fixture(scope="module")
@@ -195,11 +196,10 @@ def test_train_and_eval_stages(data: Path, capsys) -> None:
     assert np.isfinite(model.pos_embed.detach().numpy()).all()
 
 
-def test_stage_starts_from_pretrained_timm_weights(tmp_path: Path) -> None:
+def test_model_starts_from_pretrained_timm_weights(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
     from pipeline.models.vit import PretrainedMismatchError
-    from stages import train_cvit
 
     # a "timm" checkpoint of the same width on a 2x2 grid with 10 classes
     src = VisionTransformer(VitArch.for_grid(32, 2, 10, dim=32, depth=2, heads=2))
@@ -207,12 +207,12 @@ def test_stage_starts_from_pretrained_timm_weights(tmp_path: Path) -> None:
     sd["patch_embed.proj.weight"] = torch.randn(32, 3, 8, 8)  # 8 px patches like the target
     save_file(sd, str(tmp_path / "vit.safetensors"))
     cvit = {"dim": 32, "depth": 2, "heads": 2, "pretrained": str(tmp_path / "vit.safetensors")}
-    model, info = train_cvit.build_model(parse_params({"cvit": cvit}), 32, 4, 3)
+    model, info = build_vit(parse_params({"cvit": cvit}), 32, 4, 3)
     assert info["pos_embed_resized"] == (2, 4) and sorted(info["reinitialized"]) == ["head.bias", "head.weight"]
     assert torch.equal(model.blocks[1].attn.qkv.weight, sd["blocks.1.attn.qkv.weight"])
     del sd["norm.bias"]
     save_file(sd, str(tmp_path / "vit.safetensors"))
     with pytest.raises(PretrainedMismatchError, match="norm.bias"):
-        train_cvit.build_model(parse_params({"cvit": cvit}), 32, 4, 3)
-    _, info = train_cvit.build_model(parse_params({"cvit": {**cvit, "allow_missing_keys": True}}), 32, 4, 3)
+        build_vit(parse_params({"cvit": cvit}), 32, 4, 3)
+    _, info = build_vit(parse_params({"cvit": {**cvit, "allow_missing_keys": True}}), 32, 4, 3)
     assert info["missing"] == ["norm.bias"]

@@ -28,11 +28,6 @@ from pipeline.data.synthetic import (MAX_CLASSES, SHAPES, TEXTURES, _frame, clas
 from pipeline.utils.dist import DistInfo
 
 
-@pytest.fixture(autouse=True)
-def _quiet(monkeypatch):
-    monkeypatch.setenv("COP_NO_PROGRESS", "1")
-
-
 def tiny_params(**data) -> Params:
     raw = {"source": "synthetic", "crop_size": 32, "shard_size": 4,
            "synthetic": {"num_classes": 3, "train_per_class": 4, "val_per_class": 2, "image_size": 40}}
@@ -286,7 +281,7 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(built: Path, tmp_path: 
 def test_cop_prepare_cli(tmp_path: Path, monkeypatch):
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from stages.cli import app
 
     monkeypatch.chdir(tmp_path)
     raw = {"seed": 0, "data": {"source": "synthetic", "crop_size": 16, "synthetic": {

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +16,9 @@ from pipeline.data.build import PrepareError, prepare_images
 from pipeline.data.crop import center_crop_arr
 from pipeline.data.decode import BadImage, decode_rgb
 from pipeline.data.imageset import ImageSet
+from tests.support import tar_bytes
 
 CROP = 16
-
-
-@pytest.fixture(autouse=True)
-def _quiet(monkeypatch):
-    monkeypatch.setenv("COP_NO_PROGRESS", "1")
 
 
 def png(arr: np.ndarray, mode: str | None = None, **save) -> bytes:
@@ -186,13 +181,7 @@ def test_flat_val_with_label_files(tmp_path: Path):
 
 
 def make_tar(path: Path, members: list[tuple[str, bytes]], cut: int | None = None) -> None:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    data = buf.getvalue()
+    data = tar_bytes(members)
     path.write_bytes(data[:cut] if cut else data)
 
 

@@ -17,12 +17,13 @@ import zarr
 
 from pipeline.config import LatentsConfig, TokenizerConfig
 from pipeline.data.crop import to_model_input
-from pipeline.data.imageset import ImageSet, Record, encode_image, shard_name, write_index, write_shard
+from pipeline.data.imageset import ImageSet
 from pipeline.latents import writer
 from pipeline.latents.store import (FORMAT, LatentStore, LatentStoreError, TokenGridDataset,
                                     sample_posterior)
 from pipeline.latents.writer import extract_latents
 from pipeline.tokenizers import PatchTokenizer
+from tests.support import write_imageset
 
 N, SIZE, CLASSES = 12, 32, ("a", "b", "c")
 LAYOUT = LatentsConfig(rows_per_chunk=2, rows_per_shard=4, compression_level=3)
@@ -33,20 +34,10 @@ ENCODE = TokenizerConfig(kind="patch", patch_size=8, dim=16, batch_size=3, preci
 def make_imageset(split_dir: Path, n: int = N, seed: int = 0, split: str = "train") -> ImageSet:
     """A real prepared split: random crops, labels cycling over CLASSES, shards of 6."""
     rng = np.random.default_rng(seed)
-    records = []
-    for i in range(n):
-        label = i % len(CLASSES)
-        img = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
-        records.append(Record(key=f"{CLASSES[label]}/img_{i:03d}", label=label,
-                              image=encode_image(img)))
-    records.sort(key=lambda r: r.key)
-    split_dir.mkdir(parents=True, exist_ok=True)
-    shards = [write_shard(split_dir / shard_name(j), records[s:s + 6], "png")
-              for j, s in enumerate(range(0, n, 6))]
-    write_index(split_dir, split=split, crop_size=SIZE, classes=list(CLASSES), image_format="png",
-                source={"kind": "test", "seed": seed}, fingerprint=f"test-{seed}-{n}",
-                shards=shards)
-    return ImageSet(split_dir)
+    images = [(f"{CLASSES[i % len(CLASSES)]}/img_{i:03d}", i % len(CLASSES),
+               rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)) for i in range(n)]
+    return write_imageset(split_dir, split, images, list(CLASSES), SIZE, per_shard=6,
+                          source={"kind": "test", "seed": seed}, fingerprint=f"test-{seed}-{n}")
 
 
 def fit_tokenizer(imageset: ImageSet, dim: int = 16) -> PatchTokenizer:

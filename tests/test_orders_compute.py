@@ -15,11 +15,11 @@ from PIL import Image
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from pipeline.cli import app
+from stages.cli import app
 from pipeline.config import ComaeConfig, OrdersConfig
 from pipeline.data.imageset import ImageSet
 from pipeline.models.comae import CoMAE
-from pipeline.orders.compute import ComputeError, compute_orders
+from pipeline.tasks.orders import ComputeError, compute_orders
 from pipeline.orders.pagerank import collapse_order, pagerank_torch
 from pipeline.orders.shards import CollapseOrders
 from pipeline.tokenizers import PatchTokenizer, load_tokenizer
@@ -85,7 +85,7 @@ def test_compute_folder_then_resume(tmp_path: Path, trained: dict[str, Path]) ->
     tok = load_tokenizer(trained["tokenizer"])
     x = torch.from_numpy(imgs.image(0).copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
     z = tok.encode_moments(x)[:, :DIM] * tok.scale_factor
-    from pipeline.models.comae import load_comae
+    from pipeline.tasks.comae import load_comae
 
     model, _ = load_comae(trained["comae"])
     A = model.dependency_matrices(z.flatten(2).transpose(1, 2))

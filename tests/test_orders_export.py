@@ -11,22 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import OrdersConfig
 from pipeline.orders import export as export_mod
 from pipeline.orders.export import export_split
 from pipeline.orders.pagerank import collapse_order, flip_permutation, pagerank_torch
 from pipeline.orders.shards import CollapseOrders, OrderedTokenDataset
-from tests.test_orders_support import make_store, tiny_comae
-
-CFG = OrdersConfig(images_per_batch=3, samples_per_shard=4, save_matrix=True, flip="compute",
-                   precision="fp32")
-COMAE_ID = {"sha256": "c" * 64}
-
-
-def set_bytes(out: Path) -> dict[str, bytes]:
-    names = sorted(p.name for p in out.glob("orders-*.tar")) + ["manifest.json"]
-    names += [n for n in ("class_orders.npy", "class_scores.npy") if (out / n).exists()]
-    return {n: (out / n).read_bytes() for n in names}
+from tests.orders_data import CFG, COMAE_ID, make_store, set_bytes, tiny_comae
 
 
 def test_export_round_trip(tmp_path: Path) -> None:
@@ -113,8 +102,7 @@ sys.path.insert(0, os.getcwd())
 from pipeline.utils.dist import init_distributed, cleanup
 from pipeline.latents.store import LatentStore
 from pipeline.orders.export import export_split
-from tests.test_orders_export import CFG, COMAE_ID
-from tests.test_orders_support import tiny_comae
+from tests.orders_data import CFG, COMAE_ID, tiny_comae
 info = init_distributed("gloo")
 store = LatentStore(sys.argv[1])
 model = tiny_comae(store.grid, store.dim)

@@ -14,8 +14,7 @@ import pytest
 from pipeline.orders.export import export_split
 from pipeline.orders.fetch import expand_braces, fetch_orders
 from pipeline.orders.shards import CollapseOrders, ShardError
-from tests.test_orders_export import CFG, COMAE_ID, set_bytes
-from tests.test_orders_support import make_store, tiny_comae
+from tests.orders_data import CFG, COMAE_ID, make_store, set_bytes, tiny_comae
 
 
 @pytest.fixture()

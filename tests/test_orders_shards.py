@@ -20,8 +20,8 @@ from pipeline.orders.shards import (
     shard_bytes,
 )
 from pipeline.utils.io import sha256_bytes
-from tests.test_orders_export import CFG, COMAE_ID
-from tests.test_orders_support import make_store, tiny_comae
+from tests.orders_data import CFG, COMAE_ID, make_store, tiny_comae
+from tests.support import tar_bytes
 
 
 @pytest.fixture()
@@ -39,17 +39,12 @@ def _members(path: Path) -> list[tuple[str, bytes]]:
 
 def _rewrite(out: Path, name: str, members: list[tuple[str, bytes]]) -> None:
     """Replace a shard and *re-sign* it in the manifest, as a malicious publisher could."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for n, data in members:
-            info = tarfile.TarInfo(n)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    (out / name).write_bytes(buf.getvalue())
+    data = tar_bytes(members)
+    (out / name).write_bytes(data)
     m = json.loads((out / "manifest.json").read_text())
     for s in m["shards"]:
         if s["name"] == name:
-            s["sha256"], s["bytes"] = sha256_bytes(buf.getvalue()), len(buf.getvalue())
+            s["sha256"], s["bytes"] = sha256_bytes(data), len(data)
     (out / "manifest.json").write_text(json.dumps(m))
 
 

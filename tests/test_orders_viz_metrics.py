@@ -12,8 +12,7 @@ from pipeline.metrics.objectness import compare, patch_labels, roc_auc
 from pipeline.orders.export import export_split
 from pipeline.orders.shards import CollapseOrders
 from pipeline.orders.viz import fig4, show_orders
-from tests.test_orders_export import CFG, COMAE_ID
-from tests.test_orders_support import make_store, tiny_comae
+from tests.orders_data import CFG, COMAE_ID, make_store, tiny_comae
 
 
 def test_patch_labels_half_rule() -> None:
@@ -72,7 +71,7 @@ def test_show_defaults_outside_dvc_outputs_split_from_manifest_raw_folder(tmp_pa
     import matplotlib.axes
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from stages.cli import app
     from pipeline.config import DataConfig
     from pipeline.data.build import prepare_source
     from pipeline.orders.viz import path_length

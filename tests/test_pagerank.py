@@ -105,7 +105,7 @@ def test_not_converged_raises_and_bad_input_refused() -> None:
 
 def test_exported_like_matrix_matches_networkx() -> None:
     """A dependency matrix as CoMAE emits it: (1+tanh)/2 weights, bf16-rounded, zero diagonal."""
-    from tests.test_orders_support import tiny_model_matrices
+    from tests.orders_data import tiny_model_matrices
 
     A = tiny_model_matrices()
     got = pagerank_torch(A, tol=TOL, max_iter=10_000).numpy()

@@ -115,3 +115,22 @@ def test_dvc_repro_and_experiments(repo):
     _run(dvc + ["exp", "run", "-S", "comae.lambda=0", "--name", "no-contrastive"], root, env)
     shown = json.loads(_run(dvc + ["exp", "show", "--json"], root, env).stdout)
     assert "no-contrastive" in json.dumps(shown)
+
+
+@pytest.mark.slow
+def test_changed_data_retrains_from_scratch(repo):
+    """Switching the data and running ``dvc repro`` must retrain, not resume the finished runs
+    that ``persist: true`` keeps in data/comae, data/cmar, data/cvit/<v> (it once did 0 steps)."""
+    root, env = repo
+    dvc = [sys.executable, "-m", "dvc"]
+    _run(dvc + ["repro", "train_comae", "train_cmar", "train_cvit@cvit"], root, env)  # up to date
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["data"]["synthetic"]["seed"] += 1  # other images, same shapes and sizes
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = _run(dvc + ["repro", "train_comae", "train_cmar", "train_cvit@cvit"], root, env).stdout
+    for metrics, steps in (("comae.json", TINY["comae"]["train"]["steps"]),
+                           ("cmar_train.json", TINY["cmar"]["train"]["steps"]),
+                           ("cvit_train_cvit.json", TINY["cvit"]["train"]["steps"])):
+        m = json.loads((root / "data/metrics" / metrics).read_text())
+        assert m["steps_this_run"] == steps, (metrics, m)
+    assert out.count("starting over") == 3, out[-3000:]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import csv
-import os
+import json
 from pathlib import Path
 
 import pytest
@@ -15,17 +15,17 @@ from torch.utils.data import TensorDataset
 from pipeline.config import TrainConfig
 from pipeline.train.checkpoint import latest_checkpoint
 from pipeline.train.schedules import lr_at
-from pipeline.train.trainer import (
-    ConfigMismatchError, NonFiniteError, StepBatchSampler, Trainer, TrainTask,
-)
-from tests.support import free_port
+from pipeline.train.steps import StepBatchSampler
+from pipeline.train.trainer import NonFiniteError, Trainer, TrainTask
+from tests.support import as_rank, free_port
 
 
 class ToyTask(TrainTask):
     """Noisy linear regression with two alternately-stepped halves (like CoMAE's f and g)."""
 
-    def __init__(self, alternate: bool = False, width: int = 8) -> None:
+    def __init__(self, alternate: bool = False, width: int = 8, kill_at: int | None = None) -> None:
         torch.manual_seed(0)
+        self.kill_at = kill_at  # raise Killed at this step, as a kill between checkpoints would
         self.model = nn.Sequential(nn.Linear(4, width), nn.Tanh(), nn.Linear(width, 1))
         self.alternate = alternate
         self.width = width
@@ -42,6 +42,8 @@ class ToyTask(TrainTask):
         return ["second"] if step % 2 == 0 else ["first"]
 
     def loss(self, model, batch, ctx):
+        if ctx.step == self.kill_at:
+            raise Killed
         x, y = batch
         x = x + 0.1 * ctx.randn(4)  # randomness drawn for the global batch, sliced per rank
         pred = model(x).squeeze(-1)
@@ -50,6 +52,10 @@ class ToyTask(TrainTask):
 
     def config(self):
         return {"width": self.width, "alternate": self.alternate}
+
+
+class Killed(Exception):
+    pass
 
 
 def toy_data(n: int = 64) -> TensorDataset:
@@ -98,16 +104,9 @@ def test_resume_after_kill_is_exact(tmp_path, alternate):
     full = Trainer(ToyTask(alternate), toy_data(), cfg(), tmp_path / "full",
                    log_csv=tmp_path / "full.csv").fit()
 
-    class Kill(Exception):
-        pass
-
-    def kill_at_6(step, trainer):
-        if step == 6:
-            raise Kill
-
-    with pytest.raises(Kill):
-        Trainer(ToyTask(alternate), toy_data(), cfg(), tmp_path / "killed",
-                log_csv=tmp_path / "killed.csv", callbacks=[kill_at_6]).fit()
+    with pytest.raises(Killed):
+        Trainer(ToyTask(alternate, kill_at=6), toy_data(), cfg(), tmp_path / "killed",
+                log_csv=tmp_path / "killed.csv").fit()
     assert latest_checkpoint(tmp_path / "killed" / "checkpoints").step == 4
     resumed = Trainer(ToyTask(alternate), toy_data(), cfg(), tmp_path / "killed",
                       log_csv=tmp_path / "killed.csv").fit()
@@ -141,15 +140,23 @@ def test_non_finite_batch_is_refused_before_any_update(tmp_path):
         assert torch.equal(before[k], v)
 
 
-def test_checkpoint_from_another_config(tmp_path):
-    Trainer(ToyTask(width=8), toy_data(), cfg(steps=4), tmp_path).fit()
-    with pytest.raises(ConfigMismatchError, match="width"):
-        Trainer(ToyTask(width=16), toy_data(), cfg(steps=4), tmp_path).fit()
-    with pytest.raises(ConfigMismatchError, match="lr"):
-        Trainer(ToyTask(width=8), toy_data(), cfg(steps=4, lr=0.5), tmp_path).fit()
-    out = Trainer(ToyTask(width=16), toy_data(), cfg(steps=4), tmp_path,
-                  on_config_mismatch="restart").fit()
-    assert out["steps_this_run"] == 4
+def test_checkpoint_from_another_config_or_inputs_starts_over(tmp_path, capsys):
+    def fit(task, inputs=None, **kw):
+        out = Trainer(task, toy_data(), cfg(steps=4, **kw), tmp_path, inputs=inputs).fit()
+        return out, capsys.readouterr().out
+
+    fit(ToyTask(width=8), {"data": "a"})
+    for task, inputs, kw, why in [(ToyTask(width=16), {"data": "a"}, {}, "configuration (task.width"),
+                                  (ToyTask(width=16), {"data": "a"}, {"lr": 0.5}, "train.lr"),
+                                  (ToyTask(width=16), {"data": "b"}, {"lr": 0.5}, "inputs (inputs.data")]:
+        out, printed = fit(task, inputs, **kw)
+        assert out["steps_this_run"] == 4
+        line = [ln for ln in printed.splitlines() if "starting over" in ln]
+        assert len(line) == 1 and why in line[0], printed
+    # the inputs are part of what the run saves
+    assert json.loads((tmp_path / "config.json").read_text())["inputs"] == {"data": "b"}
+    out, printed = fit(ToyTask(width=16), {"data": "b"}, lr=0.5)  # same again: nothing to do
+    assert out["steps_this_run"] == 0 and "starting over" not in printed
 
 
 def test_half_written_checkpoint_is_ignored(tmp_path):
@@ -165,9 +172,7 @@ def test_half_written_checkpoint_is_ignored(tmp_path):
 
 
 def _ddp_worker(rank: int, world: int, port: int, out: str, alternate: bool) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+    as_rank(rank, world, port)
     from pipeline.utils.dist import cleanup, init_distributed
 
     init_distributed("gloo")

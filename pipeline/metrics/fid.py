@@ -24,6 +24,20 @@ import numpy as np
 import scipy.linalg
 import torch
 
+from pipeline.utils.images import to_unit
+
+
+@torch.no_grad()
+def inception_features(net: torch.nn.Module, images_u8: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pool features and logits (float64) of the FID Inception on uint8 images [n, H, W, 3]."""
+    pools, logits = [], []
+    dev = next(net.parameters()).device
+    for s in range(0, len(images_u8), batch):
+        p, lg = net(to_unit(images_u8[s:s + batch]).to(dev))
+        pools.append(p.cpu())
+        logits.append(lg.cpu())
+    return torch.cat(pools).double().numpy(), torch.cat(logits).double().numpy()
+
 
 def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """features [n, d] -> (mu [d], sigma [d, d]) in float64 (sigma: unbiased covariance)."""
@@ -139,5 +153,5 @@ def read_reference_batch(path: str | Path) -> ReferenceBatch:
     return ref
 
 
-__all__ = ["ReferenceBatch", "feature_stats", "frechet_distance", "frechet_distance_features",
+__all__ = ["ReferenceBatch", "feature_stats", "frechet_distance", "frechet_distance_features", "inception_features",
            "inception_score", "manifold_radii", "precision_recall", "read_reference_batch"]

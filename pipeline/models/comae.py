@@ -25,9 +25,10 @@ Choices the paper leaves open:
   entries of a selection vector and averages over the M (image, target) samples.
 * **Alternation.** ``forward(..., update=)``: "decoder" runs f without autograd (w constant),
   "encoder" runs g on detached parameters (gradient reaches w through g, none reaches g's
-  weights); :mod:`pipeline.models.comae_task` picks g on even steps, f on odd steps.
-* **Weights to read.** :func:`load_comae` prefers ``model_ema.safetensors`` when training kept
-  an EMA (``comae.train.ema``), else ``model.safetensors``.
+  weights); :mod:`pipeline.tasks.comae` picks g on even steps, f on odd steps.
+* **Weights to read.** :func:`pipeline.tasks.comae.load_comae` prefers
+  ``model_ema.safetensors`` when training kept an EMA (``comae.train.ema``), else
+  ``model.safetensors``.
 * **Temperature.** ``tau = exp(log_tau)``, ``log_tau`` learnable, clamped to [0.01, 100]
   (CLIP's bound on its logit scale) so a runaway temperature cannot blow up the logits.
 """
@@ -35,7 +36,6 @@ Choices the paper leaves open:
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -239,7 +239,7 @@ class CoMAE(nn.Module):
                               head_dim)
 
     def config(self) -> dict[str, Any]:
-        """What config.json stores: enough to rebuild the network (see :func:`load_comae`)."""
+        """What config.json stores: enough to rebuild the network (``pipeline.tasks.comae``)."""
         return {"format": FORMAT, "grid": self.grid, "token_dim": self.token_dim,
                 "comae": self.cfg.model_dump(mode="json", by_alias=True, exclude={"train"})}
 
@@ -422,66 +422,7 @@ def arch_mismatch(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
                   if ca.get(k) != cb.get(k)]
 
 
-def load_comae(path: str | Path, expect: ComaeConfig | None = None,
-               weights: Literal["auto", "ema", "model"] = "auto",
-               map_location: str | torch.device = "cpu") -> tuple[CoMAE, dict[str, Any]]:
-    """Load a trained CoMAE from ``path`` (``data/comae``): ``config.json`` +
-    ``model_ema.safetensors`` (``weights`` "auto" prefers the EMA weights when training kept
-    them, as MAE/MAR evaluate with EMA) or ``model.safetensors``.
-
-    ``expect``: the ComaeConfig the caller was configured with; an architecture that differs
-    from the stored one is refused with the differing keys named (params.yaml changed since
-    training: re-run train_comae). Returns (model in eval mode, info) with info = {"config",
-    "weights" (file name), "sha256" (of that file), "path"}.
-    """
-    from safetensors.torch import load_file
-
-    from pipeline.utils.io import read_json, sha256_file
-
-    path = Path(path)
-    cfg_path = path / "config.json"
-    if not cfg_path.exists():
-        raise ComaeError(f"no CoMAE at {path}: {cfg_path.name} is missing (run train_comae)")
-    # The trainer stores {"task": CoMAE.config(), "train": ..., "final": ...}.
-    stored = read_json(cfg_path).get("task", {})
-    if stored.get("format") != FORMAT:
-        raise ComaeError(f"{cfg_path}: format {stored.get('format')!r}, this code reads {FORMAT!r}")
-    cfg = ComaeConfig.model_validate(stored["comae"])
-    if expect is not None:
-        want = {"grid": stored["grid"], "token_dim": stored["token_dim"],
-                "comae": expect.model_dump(mode="json", by_alias=True)}
-        diff = arch_mismatch(stored, want)
-        if diff:
-            raise ComaeError(
-                f"the CoMAE in {path} was trained with another architecture than the one "
-                f"configured ({'; '.join(diff)}); re-run train_comae or restore the params"
-            )
-    files = {"ema": path / "model_ema.safetensors", "model": path / "model.safetensors"}
-    if weights == "auto":
-        weights = "ema" if files["ema"].exists() else "model"
-    file = files[weights]
-    if not file.exists():
-        raise ComaeError(f"no CoMAE weights at {file} (run train_comae)")
-    model = CoMAE(cfg, int(stored["grid"]), int(stored["token_dim"]))
-    state = load_file(str(file), device=str(map_location))
-    own = model.state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in own.items()
-             if k in state and state[k].shape != v.shape]
-    if missing or unexpected or wrong:
-        raise ComaeError(
-            f"{file} does not match its config.json (missing {missing[:4]}, unexpected "
-            f"{unexpected[:4]}, wrong shapes {wrong[:4]}); the folder mixes two trainings"
-        )
-    model.load_state_dict(state)
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise ComaeError(f"{file} holds NaN/inf weights in {bad[:4]}")
-    info = {"config": stored, "weights": file.name, "sha256": sha256_file(file), "path": str(path)}
-    return model.to(map_location).eval(), info
-
-
 __all__ = [
-    "ARCH_FIELDS", "CoMAE", "ComaeError", "ResidualMLP", "check_store", "contrastive_loss",
-    "load_comae", "mask_entropy", "noise_alpha", "reconstruction_loss",
+    "ARCH_FIELDS", "CoMAE", "ComaeError", "ResidualMLP", "arch_mismatch", "check_store",
+    "contrastive_loss", "mask_entropy", "noise_alpha", "reconstruction_loss",
 ]

@@ -102,20 +102,6 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-def sincos_2d(grid: int, dim: int) -> Tensor:
-    """Fixed 2-D sin-cos positional table [grid*grid, dim] (MAE's get_2d_sincos_pos_embed)."""
-    if dim % 4:
-        raise ValueError(f"sin-cos 2-D embedding needs dim divisible by 4, got {dim}")
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4.0))
-    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64),
-                            torch.arange(grid, dtype=torch.float64), indexing="ij")
-    out = []
-    for coord in (xs.reshape(-1), ys.reshape(-1)):
-        ang = coord[:, None] * omega[None]
-        out += [ang.sin(), ang.cos()]
-    return torch.cat(out, dim=1).float()
-
-
 def trunc_normal_(t: Tensor, std: float = 0.02) -> Tensor:
     return nn.init.trunc_normal_(t, std=std, a=-2 * std, b=2 * std)
 
@@ -143,6 +129,6 @@ def attention_flops(tokens: int, dim: int, depth: int, mlp_ratio: float = 4.0) -
 
 __all__ = [
     "Attention", "Block", "Mlp", "RopeTables", "apply_rope", "attention_flops", "count_params",
-    "init_vit_weights", "rope_2d_tables", "rotate_half", "sincos_2d", "trunc_normal_",
+    "init_vit_weights", "rope_2d_tables", "rotate_half", "trunc_normal_",
 ]
 

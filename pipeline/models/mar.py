@@ -293,17 +293,6 @@ def mar_base(**kwargs) -> MAR:
     return MAR(**kw)
 
 
-def build_mar(cfg, grid: int, token_dim: int, num_classes: int) -> MAR:
-    """MAR from a ``CmarConfig`` (pipeline.config) and the latent store's geometry."""
-    return MAR(grid=grid, token_dim=token_dim,
-               encoder_embed_dim=cfg.enc_dim, encoder_depth=cfg.enc_depth, encoder_num_heads=cfg.enc_heads,
-               decoder_embed_dim=cfg.dec_dim, decoder_depth=cfg.dec_depth, decoder_num_heads=cfg.dec_heads,
-               num_classes=num_classes, buffer_size=cfg.buffer_size, label_drop_prob=cfg.label_drop_prob,
-               mask_ratio_min=cfg.mask_ratio_min, attn_dropout=cfg.attn_dropout,
-               proj_dropout=cfg.proj_dropout, diffloss_d=cfg.diffloss_d, diffloss_w=cfg.diffloss_w,
-               num_sampling_steps=cfg.num_sampling_steps, diffusion_batch_mul=cfg.diffusion_batch_mul)
-
-
 # ---------------------------------------------------------------------------- checkpoints
 
 
@@ -360,5 +349,5 @@ def load_mar_checkpoint(model: MAR, path: str | Path, key: str = "model_ema",
     return load_mar_state(model, read_mar_checkpoint(path, key), allow_missing)
 
 
-__all__ = ["MAR", "build_mar", "check_orders", "load_mar_checkpoint", "load_mar_state",
+__all__ = ["MAR", "check_orders", "load_mar_checkpoint", "load_mar_state",
            "mar_base", "mask_by_order", "read_mar_checkpoint"]

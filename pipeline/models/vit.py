@@ -183,14 +183,18 @@ class VisionTransformer(nn.Module):
         cls = (self.cls_token + self.pos_embed[:, :NUM_PREFIX_TOKENS]).expand(B, -1, -1)
         return torch.cat((cls, x), dim=1)  # [B, 1 + k, D]
 
-    def forward_sequence(self, x: Tensor) -> Tensor:
-        """An embedded sequence [B, L, D] ([cls] first) -> logits [B, num_classes]."""
-        x = self.norm(self.blocks(x))
-        return self.head(x[:, 0])  # timm's global_pool='token'
+    def forward_features(self, images: Tensor, keep: Tensor | None = None) -> Tensor:
+        """images [B, C, H, W] in [-1, 1] -> the normalised sequence [B, 1 + k, D]."""
+        return self.norm(self.blocks(self.embed(images, keep)))
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """[cls] pooling (timm's global_pool='token'), then the classifier unless ``pre_logits``."""
+        x = x[:, 0]  # [B, D]
+        return x if pre_logits else self.head(x)
 
     def forward(self, images: Tensor, keep: Tensor | None = None) -> Tensor:
         """images [B, C, H, W] in [-1, 1]; keep [B, k] indices of patches to keep, or None."""
-        return self.forward_sequence(self.embed(images, keep))
+        return self.forward_head(self.forward_features(images, keep))
 
 
 # ----------------------------------------------------------------------------- cost

@@ -278,6 +278,13 @@ class CollapseOrders:
     # -- identity --------------------------------------------------------------------------
 
     @property
+    def identity(self) -> dict[str, Any]:
+        """What these orders are, for the runs trained on them: the export fingerprint (latents,
+        CoMAE, params) and one hash of every shard's sha256 (the bytes)."""
+        return {"format": self.manifest["format"], "fingerprint": self.manifest.get("fingerprint"),
+                "shards": sha256_json([s["sha256"] for s in self.manifest["shards"]])}
+
+    @property
     def tokenizer_identity(self) -> Any:
         return self.manifest["identity"].get("tokenizer")
 

@@ -18,8 +18,12 @@ from pipeline.tokenizers.base import (CONFIG_FILE, WEIGHTS_FILE, Tokenizer, read
 from pipeline.tokenizers.kl16 import CheckpointError, KL16Tokenizer
 from pipeline.tokenizers.patch import PatchTokenizer
 
-__all__ = ["Tokenizer", "KL16Tokenizer", "PatchTokenizer", "CheckpointError",
-           "build_tokenizer", "load_tokenizer", "state_dict_sha256"]
+__all__ = ["Tokenizer", "KL16Tokenizer", "PatchTokenizer", "CheckpointError", "LATENTS_TOKENIZER_DIR",
+           "build_tokenizer", "decode_to_images", "latents_tokenizer", "load_tokenizer",
+           "state_dict_sha256"]
+
+# The fitted stand-in is saved beside the latents it made (data/latents/tokenizer/).
+LATENTS_TOKENIZER_DIR = "tokenizer"
 
 
 def build_tokenizer(cfg: TokenizerConfig,
@@ -68,3 +72,25 @@ def load_tokenizer(directory: str | Path, precision: str = "fp32", channels_last
     if tok.weights_sha256() != meta.get("weights_sha256"):
         raise ValueError(f"{directory}: weights do not match the hash in {CONFIG_FILE}")
     return tok.to(device).set_precision(precision, channels_last)
+
+
+def latents_tokenizer(cfg: TokenizerConfig, latents_dir: str | Path, device: torch.device | str = "cpu",
+                      precision: str = "fp32", channels_last: bool = False) -> Tokenizer:
+    """The tokenizer that made the latents in ``latents_dir``: ``patch`` was fitted on the data
+    and saved there; ``kl16`` is rebuilt from ``cfg.checkpoint`` (with ``cfg``'s precision)."""
+    if cfg.kind == "patch":
+        return load_tokenizer(Path(latents_dir) / LATENTS_TOKENIZER_DIR, precision, channels_last,
+                              device=device)
+    return build_tokenizer(cfg, device=device)
+
+
+@torch.no_grad()
+def decode_to_images(tokenizer: Tokenizer, grids: torch.Tensor, scale_factor: float, batch: int,
+                     device: torch.device | str) -> np.ndarray:
+    """Scaled token grids [n, D, h, w] -> uint8 images [n, H, W, 3] (tokenizer on ``device``)."""
+    out = []
+    for s in range(0, len(grids), batch):
+        x = tokenizer.decode(grids[s:s + batch].to(device) / scale_factor)  # [-1, 1]
+        x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        out.append(x.permute(0, 2, 3, 1).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 1, 1, 3), np.uint8)

@@ -1,5 +1,9 @@
 """Training checkpoints: safetensors weights + a small state file, written atomically.
 
+A finished run's folder holds ``config.json`` (the task config, the training keys, the
+identity of its inputs and the final metrics), ``model.safetensors`` and, with EMA,
+``model_ema.safetensors``: :func:`load_run` is the one reader of it for every model.
+
 Layout under ``<out>/checkpoints/``::
 
     step-0000200/  model.safetensors  ema.safetensors  state.pt  meta.json
@@ -18,12 +22,12 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.utils.io import atomic_write_text
+from pipeline.utils.io import atomic_write_text, read_json, sha256_file
 
 CKPT_FORMAT = "cop-ckpt/1"
 
@@ -62,6 +66,45 @@ class Checkpoint:
 
     def state(self) -> dict[str, Any]:
         return torch.load(self.path / "state.pt", map_location="cpu", weights_only=True)
+
+
+@dataclass
+class TrainedRun:
+    """What a finished training run left in its folder (see ``Trainer``)."""
+
+    path: Path
+    meta: dict[str, Any]  # config.json: task, train, inputs, train_full, final
+    weights: Path  # the file ``state`` was read from
+    state: dict[str, torch.Tensor]
+
+    @property
+    def task(self) -> dict[str, Any]:
+        return self.meta.get("task", {})
+
+    @property
+    def inputs(self) -> dict[str, Any]:
+        return self.meta.get("inputs", {})
+
+    def sha256(self) -> str:
+        return sha256_file(self.weights)
+
+
+def load_run(path: str | Path, weights: Literal["auto", "ema", "model"] = "auto",
+             map_location: str | torch.device = "cpu") -> TrainedRun:
+    """``config.json`` and the weights of a finished run. ``weights="auto"`` prefers the EMA
+    weights when training kept them (MAE and MAR evaluate their EMA models)."""
+    path = Path(path)
+    cfg_path = path / "config.json"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"no trained model at {path}: {cfg_path.name} is missing "
+                                "(run its training stage first)")
+    files = {"ema": path / "model_ema.safetensors", "model": path / "model.safetensors"}
+    if weights == "auto":
+        weights = "ema" if files["ema"].exists() else "model"
+    file = files[weights]
+    if not file.exists():
+        raise FileNotFoundError(f"no weights at {file} (run its training stage first)")
+    return TrainedRun(path, read_json(cfg_path), file, load_file(str(file), device=str(map_location)))
 
 
 def _is_complete(d: Path) -> bool:

@@ -14,32 +14,30 @@ run on W processes sees the same numbers as one process with the same global bat
 
 from __future__ import annotations
 
-import csv
-import io
-import logging
 import math
+import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from pipeline.config import TrainConfig, params_dict
 from pipeline.train.checkpoint import (
     config_diff, latest_checkpoint, save_weights, write_checkpoint,
 )
 from pipeline.train.ema import EMA
+from pipeline.train.log import TrainLog
 from pipeline.train.schedules import lr_at
+from pipeline.train.steps import StepBatchSampler, StepContext, step_seed
 from pipeline.utils.device import autocast, pick_device, resolve_precision
 from pipeline.utils.dist import all_reduce_mean, barrier, get_dist
-from pipeline.utils.io import atomic_write_json, atomic_write_text, read_json
+from pipeline.utils.io import atomic_write_json, read_json
 from pipeline.utils.progress import progress
-
-log = logging.getLogger(__name__)
 
 # Train-config keys that change what the run computes (the rest only change how it reports).
 _RESUME_KEYS = ("steps", "batch_size", "lr", "min_lr", "warmup_frac", "schedule", "weight_decay",
@@ -51,45 +49,7 @@ class NonFiniteError(RuntimeError):
 
 
 class ConfigMismatchError(RuntimeError):
-    """A checkpoint made with another configuration than the one being run."""
-
-
-def _step_seed(seed: int, step: int) -> int:
-    return (seed * 1_000_003 + step * 7919 + 17) % (2**63 - 1)
-
-
-class StepContext:
-    """What a task needs to know about the current step, and its source of randomness.
-
-    ``rand``/``randn``/``randint`` draw a tensor for the whole global batch (first dim
-    ``global_batch``) from a generator seeded by ``(seed, step)`` and return this rank's rows,
-    so results do not depend on the number of processes.
-    """
-
-    def __init__(self, step: int, rows: Tensor, global_batch: int, device: torch.device,
-                 seed: int, dtype: torch.dtype) -> None:
-        self.step = step
-        self.rows = rows
-        self.global_batch = global_batch
-        self.device = device
-        self.dtype = dtype  # autocast dtype (float32 when off)
-        self.generator = torch.Generator().manual_seed(_step_seed(seed, step) ^ 0x5DEECE66D)
-
-    def _rows(self, full: Tensor) -> Tensor:
-        return full[self.rows].to(self.device)
-
-    def rand(self, *shape: int) -> Tensor:
-        return self._rows(torch.rand((self.global_batch, *shape), generator=self.generator))
-
-    def randn(self, *shape: int) -> Tensor:
-        return self._rows(torch.randn((self.global_batch, *shape), generator=self.generator))
-
-    def randint(self, high: int, *shape: int) -> Tensor:
-        return self._rows(torch.randint(high, (self.global_batch, *shape), generator=self.generator))
-
-    def randperm(self, n: int) -> Tensor:
-        """An independent random permutation of ``range(n)`` per row: [rows, n]."""
-        return self._rows(torch.rand((self.global_batch, n), generator=self.generator).argsort(dim=1))
+    """A checkpoint that claims this run's configuration but cannot be loaded into it."""
 
 
 class TrainTask:
@@ -113,46 +73,6 @@ class TrainTask:
 
     def collate(self, items: list[Any]) -> Any:
         return default_collate(items)
-
-
-class StepBatchSampler(Sampler[list[int]]):
-    """Dataset indices of this rank's share of the global batch at each step.
-
-    The stream is an endless sequence of seeded permutations (one per epoch); the global batch
-    at step s is positions [s·B, (s+1)·B) of it, and rank r holds the contiguous slots
-    [r·B/W, (r+1)·B/W). Depends only on (seed, step), never on how the run was interrupted.
-    """
-
-    def __init__(self, n: int, global_batch: int, seed: int, start_step: int, end_step: int,
-                 rank: int = 0, world: int = 1) -> None:
-        if global_batch % world:
-            raise ValueError(f"batch_size {global_batch} must be divisible by the {world} processes")
-        if n == 0:
-            raise ValueError("the training dataset is empty")
-        self.n, self.B, self.seed = n, global_batch, seed
-        self.start, self.end = start_step, end_step
-        self.per_rank = global_batch // world
-        self.lo = rank * self.per_rank
-        self._perm_cache: dict[int, Tensor] = {}
-
-    def _perm(self, epoch: int) -> Tensor:
-        if epoch not in self._perm_cache:
-            self._perm_cache = {epoch: torch.randperm(
-                self.n, generator=torch.Generator().manual_seed(_step_seed(self.seed, -1 - epoch)))}
-        return self._perm_cache[epoch]
-
-    def global_indices(self, step: int) -> list[int]:
-        out = []
-        for pos in range(step * self.B, (step + 1) * self.B):
-            out.append(int(self._perm(pos // self.n)[pos % self.n]))
-        return out
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for step in range(self.start, self.end):
-            yield self.global_indices(step)[self.lo:self.lo + self.per_rank]
-
-    def __len__(self) -> int:
-        return self.end - self.start
 
 
 def _check_finite_batch(batch: Any, step: int, where: str = "batch") -> None:
@@ -200,20 +120,25 @@ class _MeanMeter:
 
 
 class Trainer:
+    """``inputs``: the identity of what the run trains on (latent store, orders, image set
+    fingerprints). It is stored with every checkpoint beside the task's and the training
+    config; a checkpoint whose config or inputs differ is not resumed: the run starts over and
+    says why in one line. DVC re-runs a stage exactly when its params or inputs changed, and
+    ``persist: true`` keeps the old checkpoints, so resuming them would train on stale data."""
+
     def __init__(self, task: TrainTask, dataset: Dataset, cfg: TrainConfig, out_dir: str | Path, *,
-                 log_csv: str | Path | None = None, metrics_json: str | Path | None = None,
-                 desc: str = "train", on_config_mismatch: str = "error",
-                 callbacks: Sequence[Callable[[int, "Trainer"], None]] = (),
-                 device: torch.device | None = None) -> None:
-        if on_config_mismatch not in ("error", "restart"):
-            raise ValueError("on_config_mismatch must be 'error' or 'restart'")
+                 inputs: dict[str, Any] | None = None, log_csv: str | Path | None = None,
+                 metrics_json: str | Path | None = None, report: dict[str, Any] | None = None,
+                 desc: str = "train", device: torch.device | None = None) -> None:
         self.task, self.dataset, self.cfg = task, dataset, cfg
+        self.inputs = dict(inputs or {})
         self.out_dir = Path(out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
-        self.log_csv = Path(log_csv) if log_csv else None
         self.metrics_json = Path(metrics_json) if metrics_json else None
-        self.desc, self.on_config_mismatch, self.callbacks = desc, on_config_mismatch, callbacks
+        self.report = dict(report or {})  # written before the final values in metrics_json
+        self.desc = desc
         self.dist = get_dist()
+        self.log = TrainLog(self.out_dir, Path(log_csv) if log_csv else None, self.dist.is_main)
         self.device = device or pick_device(self.dist.local_rank)
         self.amp_dtype = resolve_precision(cfg.precision, self.device)
         self.step = 0
@@ -237,7 +162,8 @@ class Trainer:
 
     def _meta(self) -> dict[str, Any]:
         train = params_dict(self.cfg)
-        return {"task": self.task.config(), "train": {k: train[k] for k in _RESUME_KEYS}}
+        return {"task": self.task.config(), "train": {k: train[k] for k in _RESUME_KEYS},
+                "inputs": self.inputs}
 
     def _resume(self, model: nn.Module, opts: dict[str, torch.optim.Optimizer], ema: EMA | None,
                 epoch_meter: _MeanMeter) -> int:
@@ -246,15 +172,13 @@ class Trainer:
             return 0
         diff = config_diff(ckpt.meta.get("config", {}), self._meta())
         if diff:
-            msg = (f"checkpoint {ckpt.path} was made with another configuration:\n  "
-                   + "\n  ".join(diff))
-            if self.on_config_mismatch == "error":
-                raise ConfigMismatchError(msg + "\nuse another output folder or remove it")
-            log.warning("%s\nstarting over (the stale checkpoints are removed)", msg)
+            what = "inputs" if any(d.startswith("inputs.") for d in diff) else "configuration"
+            if self.dist.is_main:
+                print(f"[{self.desc}] starting over: {ckpt.path} was made with other {what} "
+                      f"({'; '.join(_short(d) for d in diff[:3])}"
+                      f"{f'; {len(diff) - 3} more' if len(diff) > 3 else ''})", flush=True)
             barrier()
             if self.dist.is_main:
-                import shutil
-
                 shutil.rmtree(self.ckpt_dir, ignore_errors=True)
             barrier()
             return 0
@@ -272,50 +196,7 @@ class Trainer:
             print(f"[{self.desc}] resuming from {ckpt.path} (step {ckpt.step})", flush=True)
         return ckpt.step
 
-    # ------------------------------------------------------------------ logging
-
-    def _csv_paths(self) -> tuple[Path, Path]:
-        """The canonical logs live beside the checkpoints (persisted with them, so a resumed
-        run continues its curve); ``log_csv`` only mirrors them. DVC deletes a stage's plot
-        files before re-running it, so the mirror must be reproducible from the canonical log."""
-        return self.out_dir / "train_log.csv", self.out_dir / "train_log_epochs.csv"
-
-    def _mirror_logs(self) -> None:
-        if not self.log_csv or not self.dist.is_main:
-            return
-        window, epochs = self._csv_paths()
-        for src, dst in ((window, self.log_csv),
-                         (epochs, self.log_csv.with_name(self.log_csv.stem + "_epochs.csv"))):
-            if src.exists():
-                atomic_write_text(dst, src.read_text())
-
-    def _truncate_csv(self, path: Path, upto_step: float, key: str) -> None:
-        """After a resume, drop rows logged past the checkpoint so the curve has no duplicates."""
-        if not path.exists() or not self.dist.is_main:
-            return
-        rows = list(csv.DictReader(path.open()))
-        if not rows:
-            return
-        kept = [r for r in rows if float(r[key]) <= upto_step]
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=list(rows[0].keys()))
-        w.writeheader()
-        w.writerows(kept)
-        atomic_write_text(path, buf.getvalue())
-
-    def _append_csv(self, path: Path, row: dict[str, Any]) -> None:
-        if not self.dist.is_main:
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists() and path.stat().st_size:
-            fields = next(csv.reader(path.open()))
-            with path.open("a", newline="") as f:
-                csv.DictWriter(f, fieldnames=fields, extrasaction="ignore", restval="").writerow(row)
-        else:
-            with path.open("w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=list(row.keys()), restval="")
-                w.writeheader()
-                w.writerow(row)
+    # ------------------------------------------------------------------ the loop
 
     def _reduce(self, means: dict[str, float]) -> dict[str, float]:
         if not self.dist.enabled or not means:
@@ -325,8 +206,6 @@ class Trainer:
                                          device=self.device if self.device.type == "cuda" else "cpu"))
         return dict(zip(keys, t.tolist()))
 
-    # ------------------------------------------------------------------ the loop
-
     def fit(self) -> dict[str, Any]:
         cfg, task, dist = self.cfg, self.task, self.dist
         model = task.model.to(self.device)
@@ -335,10 +214,8 @@ class Trainer:
         epoch_meter = _MeanMeter()
         start = self._resume(model, opts, ema, epoch_meter)
         self.step = start
-        window_csv, epoch_csv = self._csv_paths()
-        self._truncate_csv(window_csv, start, "step")
-        self._truncate_csv(epoch_csv, start / max(len(self.dataset), 1) * cfg.batch_size, "epoch")
-        self._mirror_logs()
+        self.log.truncate(start, start / max(len(self.dataset), 1) * cfg.batch_size)
+        self.log.mirror()
 
         wrapped: nn.Module = model
         if dist.enabled:
@@ -358,7 +235,7 @@ class Trainer:
         model.train()
         for batch in loader:
             step = self.step
-            torch.manual_seed(_step_seed(cfg.seed, step))
+            torch.manual_seed(step_seed(cfg.seed, step))
             _check_finite_batch(batch, step)
             batch = _to_device(batch, self.device)
             ctx = StepContext(step, rows, cfg.batch_size, self.device, cfg.seed, self.amp_dtype)
@@ -406,18 +283,16 @@ class Trainer:
                 final = {"step": self.step, "epoch": self.step * cfg.batch_size / n, "lr": lr, **means,
                          "samples_per_s": samples_window / dt,
                          "items_per_s": samples_window * task.items_per_sample / dt}
-                self._append_csv(window_csv, final)
+                self.log.window_row(final)
                 window, samples_window, t_window = _MeanMeter(), 0, time.perf_counter()
             # epoch boundary: the samples seen crossed a multiple of the dataset size
             if (self.step * cfg.batch_size) // n > (step * cfg.batch_size) // n or last:
-                self._append_csv(epoch_csv, {"epoch": round(self.step * cfg.batch_size / n, 4),
-                                             "step": self.step, **self._reduce(epoch_meter.means())})
+                self.log.epoch_row({"epoch": round(self.step * cfg.batch_size / n, 4),
+                                    "step": self.step, **self._reduce(epoch_meter.means())})
                 epoch_meter = _MeanMeter()
             if self.step % cfg.ckpt_every == 0 or last:
                 self._checkpoint(model, opts, ema, epoch_meter)
-                self._mirror_logs()
-            for cb in self.callbacks:
-                cb(self.step, self)
+                self.log.mirror()
         bar.close()
         elapsed = time.perf_counter() - t_start
         return self._finish(model, ema, final, elapsed, start)
@@ -453,9 +328,14 @@ class Trainer:
             atomic_write_json(self.out_dir / "config.json",
                               {**self._meta(), "train_full": params_dict(self.cfg), "final": final})
             if self.metrics_json:
-                atomic_write_json(self.metrics_json, _json_safe(final))
+                atomic_write_json(self.metrics_json, _json_safe({**self.report, **final}))
         barrier()
         return final
+
+
+def _short(diff: str, width: int = 60) -> str:
+    """One ``key: old != new`` entry cut to a readable length (identities are long hashes)."""
+    return diff if len(diff) <= width else diff[:width - 1] + "…"
 
 
 def _json_safe(d: dict[str, Any]) -> dict[str, Any]:

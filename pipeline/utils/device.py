@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import random
 
-import numpy as np
 import torch
 
 
@@ -47,9 +45,3 @@ def autocast(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)

@@ -9,12 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import zarr
 
-from pipeline.config import ComaeConfig
-from pipeline.latents.store import LatentStore, create_store
+from pipeline.config import ComaeConfig, OrdersConfig
+from pipeline.latents.store import LatentStore
 from pipeline.models.comae import CoMAE
+from tests.support import write_store
 
+CFG = OrdersConfig(images_per_batch=3, samples_per_shard=4, save_matrix=True, flip="compute",
+                   precision="fp32")
+COMAE_ID = {"sha256": "c" * 64}
 TOKENIZER = {"kind": "patch", "config": {"patch_size": 8, "dim": 4}, "sha256": "a" * 64}
 
 
@@ -26,17 +29,13 @@ def make_store(path: Path, n: int = 10, grid: int = 4, dim: int = 4, classes: in
     order = np.argsort(keys, kind="stable")
     keys = [keys[i] for i in order]
     labels = [int(k[1]) for k in keys]
-    create_store(path, keys=keys, labels=labels, grid=grid, dim=dim, rows_per_chunk=4,
-                 rows_per_shard=8, compression_level=1, fingerprint=f"test-{seed}",
-                 attrs={"tokenizer": tokenizer or TOKENIZER, "crop_size": grid * 8,
-                        "scale_factor": 0.5, "classes": [f"c{c}" for c in range(classes)],
-                        "source": {"kind": "test", "seed": seed}})
-    root = zarr.open_group(str(path), mode="r+")
     mom = rng.standard_normal((n, 2, 2 * dim, grid, grid)).astype(np.float32)
     mom[:, 1] = mom[:, 0, :, :, ::-1]  # the flipped image's latents are the mirrored grid
-    root["moments"][:] = mom
-    root.attrs["complete"] = True
-    return LatentStore(path)
+    return write_store(path, keys, labels, mom,
+                       {"tokenizer": tokenizer or TOKENIZER, "crop_size": grid * 8,
+                        "scale_factor": 0.5, "classes": [f"c{c}" for c in range(classes)],
+                        "source": {"kind": "test", "seed": seed}},
+                       fingerprint=f"test-{seed}")
 
 
 def tiny_comae(grid: int = 4, dim: int = 4, seed: int = 0) -> CoMAE:
@@ -52,3 +51,10 @@ def tiny_model_matrices() -> torch.Tensor:
     g = torch.Generator().manual_seed(3)
     tokens = torch.randn(3, 16, 4, generator=g)
     return tiny_comae().dependency_matrices(tokens, dtype=torch.bfloat16)
+
+
+def set_bytes(out: Path) -> dict[str, bytes]:
+    """Every file of an exported shard set, by name (two exports must match byte for byte)."""
+    names = sorted(p.name for p in out.glob("orders-*.tar")) + ["manifest.json"]
+    names += [n for n in ("class_orders.npy", "class_scores.npy") if (out / n).exists()]
+    return {n: (out / n).read_bytes() for n in names}

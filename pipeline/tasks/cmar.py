@@ -15,8 +15,7 @@ Randomness. Everything per sequence (flip, random-order choice, the permutation,
 dropout, posterior noise, diffusion steps and noise) is drawn through the trainer's
 ``StepContext`` for the whole global batch, so 1 and N processes compute the same loss. The
 mask ratio is ONE number per step (the encoder drops the same count in every row, as MAR):
-it is drawn from the global RNG, which the trainer reseeds from (seed, step) identically on
-every rank before each step.
+the step generator's first draw, the same on every rank. Nothing here reads the global RNG.
 
 Latents. MAR trains on posterior samples of the VAE (``posterior.sample() * 0.2325``); with
 ``cmar.posterior_sample`` (default) the task draws them from the stored moments with the
@@ -25,6 +24,7 @@ step's noise; otherwise it uses the posterior means.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,8 +32,10 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.config import CmarConfig
-from pipeline.models.mar import MAR
+from pipeline.models.mar import MAR, load_mar_checkpoint, load_mar_state, read_mar_checkpoint
+from pipeline.train.checkpoint import load_run
 from pipeline.train.trainer import StepContext, TrainTask
+from pipeline.utils.io import sha256_file
 
 # CmarConfig keys that only affect sampling/evaluation: changing them must not retrain.
 EVAL_ONLY_KEYS = ("sample_order", "num_iter", "num_sampling_steps", "cfg", "cfg_schedule", "temperature",
@@ -57,6 +59,55 @@ def train_config(cfg: CmarConfig) -> dict[str, Any]:
     for k in EVAL_ONLY_KEYS:
         d.pop(k, None)
     return d
+
+
+def build_mar(cfg: CmarConfig, grid: int, token_dim: int, num_classes: int) -> MAR:
+    """MAR from the ``cmar`` params and the latent store's geometry."""
+    return MAR(grid=grid, token_dim=token_dim,
+               encoder_embed_dim=cfg.enc_dim, encoder_depth=cfg.enc_depth, encoder_num_heads=cfg.enc_heads,
+               decoder_embed_dim=cfg.dec_dim, decoder_depth=cfg.dec_depth, decoder_num_heads=cfg.dec_heads,
+               num_classes=num_classes, buffer_size=cfg.buffer_size, label_drop_prob=cfg.label_drop_prob,
+               mask_ratio_min=cfg.mask_ratio_min, attn_dropout=cfg.attn_dropout,
+               proj_dropout=cfg.proj_dropout, diffloss_d=cfg.diffloss_d, diffloss_w=cfg.diffloss_w,
+               num_sampling_steps=cfg.num_sampling_steps, diffusion_batch_mul=cfg.diffusion_batch_mul)
+
+
+def build_cmar(cfg: CmarConfig, store: Any) -> tuple[MAR, dict[str, Any]]:
+    """The model to train on ``store``; a MAR checkpoint, if given, is loaded before any training.
+
+    MAR's released models embed 1000 classes whatever the data set; a pretrained checkpoint
+    keeps its class count so its ``class_emb`` loads (labels must still be < 1000).
+    """
+    info: dict[str, Any] = {"pretrained": None}
+    num_classes = len(store.classes)
+    if cfg.pretrained:
+        state = read_mar_checkpoint(cfg.pretrained, cfg.pretrained_key)
+        if "class_emb.weight" in state:
+            num_classes = int(state["class_emb.weight"].shape[0])
+        if len(store.classes) > num_classes:
+            raise ValueError(f"the data has {len(store.classes)} classes, the MAR checkpoint "
+                             f"embeds {num_classes}")
+    model = build_mar(cfg, store.grid, store.dim, num_classes)
+    if cfg.pretrained:
+        missing = load_mar_checkpoint(model, cfg.pretrained, cfg.pretrained_key, cfg.allow_missing_keys)
+        info = {"pretrained": str(cfg.pretrained), "pretrained_sha256": sha256_file(cfg.pretrained),
+                "pretrained_key": cfg.pretrained_key, "missing_keys": missing}
+    return model, info
+
+
+def load_cmar(model_dir: str | Path, cfg: CmarConfig) -> tuple[MAR, dict[str, Any]]:
+    """The trained model of ``data/cmar`` (read by :func:`load_run`), with the sampling params
+    of ``cfg``; training params that differ from the run's are refused, naming them."""
+    run = load_run(model_dir)
+    trained, current = run.task.get("cmar", {}), train_config(cfg)
+    diff = sorted(k for k in set(trained) | set(current) if trained.get(k) != current.get(k))
+    if diff:
+        raise ValueError(f"{model_dir} was trained with other cmar params ({', '.join(diff)}); "
+                         "re-run train_cmar (dvc repro / dvc exp run does this)")
+    task = run.task
+    model = build_mar(cfg, task["grid"], task["token_dim"], task["num_classes"])
+    load_mar_state(model, run.state, allow_missing=False)
+    return model.eval(), {**task, "weights": run.weights.name}
 
 
 class CmarDataset(torch.utils.data.Dataset):
@@ -100,8 +151,9 @@ class CmarTask(TrainTask):
         mar: MAR = self.model
         cfg = self.cfg
         N, D, mul = mar.seq_len, mar.token_embed_dim, mar.diffusion_batch_mul
-        # One mask count per step, identical on every rank (global RNG reseeded per step).
-        num_masked = mar.num_masked(float(torch.rand(())))
+        # One mask count per step, identical on every rank: the first draw of the step's
+        # generator (before any per-row draw, so its place in the stream is fixed), as CViT's ratio.
+        num_masked = mar.num_masked(float(torch.rand((), generator=ctx.generator)))
 
         # Per-sequence draws, always in this order so streams do not depend on the config.
         flip = ctx.rand() < 0.5                                   # [b]
@@ -192,4 +244,5 @@ def generate(model: MAR, labels: np.ndarray, orders: Tensor, num_iter: int, cfg:
     return torch.cat(out) if out else torch.zeros(0, model.token_embed_dim, model.grid, model.grid)
 
 
-__all__ = ["CmarDataset", "generate", "CmarTask", "EVAL_ONLY_KEYS", "sampling_orders", "to_mar_orders", "train_config"]
+__all__ = ["CmarDataset", "CmarTask", "EVAL_ONLY_KEYS", "build_cmar", "build_mar", "generate", "load_cmar",
+           "sampling_orders", "to_mar_orders", "train_config"]

@@ -82,7 +82,7 @@ def compute_orders(images: str | Path, out: str | Path, *, comae: str | Path = "
     from pipeline.data.imageset import ImageSet
     from pipeline.latents.store import LatentStore
     from pipeline.latents.writer import extract_latents
-    from pipeline.models.comae import load_comae
+    from pipeline.tasks.comae import load_comae
     from pipeline.orders.export import export_split
     from pipeline.utils.device import pick_device
 

@@ -12,19 +12,23 @@ processes see the same numbers: a horizontal flip (the store's cached flipped la
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from pipeline.config import ComaeConfig
 from pipeline.models.comae import (
+    FORMAT,
     CoMAE,
     ComaeError,
+    arch_mismatch,
     contrastive_loss,
     mask_entropy,
     reconstruction_loss,
 )
+from pipeline.train.checkpoint import load_run
 from pipeline.train.trainer import StepContext, TrainTask
 
 ENCODER, DECODER = "encoder", "decoder"
@@ -37,7 +41,8 @@ def _unwrap(model: nn.Module) -> CoMAE:
 class ComaeTask(TrainTask):
     find_unused_parameters = True  # each alternating step leaves one half without gradients
 
-    def __init__(self, model: CoMAE, cfg: ComaeConfig) -> None:
+    def __init__(self, model: CoMAE, cfg: ComaeConfig,
+                 extra_config: dict[str, Any] | None = None) -> None:
         if cfg.targets_per_image > model.num_tokens - 1:
             raise ComaeError(
                 f"comae.targets_per_image ({cfg.targets_per_image}) must be below the number "
@@ -45,6 +50,7 @@ class ComaeTask(TrainTask):
             )
         self.model = model
         self.cfg = cfg
+        self.extra_config = dict(extra_config or {})
         self.items_per_sample = cfg.targets_per_image  # throughput unit: reconstructions/s
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
@@ -61,7 +67,7 @@ class ComaeTask(TrainTask):
     def config(self) -> dict[str, Any]:
         # Architecture + grid/dim (config.json) and the loss settings: resuming a run with a
         # different lambda/sigma/targets is a different experiment, not a continuation.
-        return self.model.config()
+        return {**self.model.config(), **self.extra_config}
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor], ctx: StepContext
              ) -> tuple[Tensor, dict[str, float | Tensor]]:
@@ -98,4 +104,60 @@ class ComaeTask(TrainTask):
         return loss, metrics
 
 
-__all__ = ["ComaeTask", "DECODER", "ENCODER"]
+# ----------------------------------------------------------------------------- trained model
+
+
+def comae_from_config(stored: dict[str, Any]) -> CoMAE:
+    """The network a run's task config describes (what :meth:`CoMAE.config` wrote)."""
+    if stored.get("format") != FORMAT:
+        raise ComaeError(f"task config format {stored.get('format')!r}, this code reads {FORMAT!r}")
+    return CoMAE(ComaeConfig.model_validate(stored["comae"]), int(stored["grid"]),
+                 int(stored["token_dim"]))
+
+
+def load_comae(path: str | Path, expect: ComaeConfig | None = None,
+               weights: Literal["auto", "ema", "model"] = "auto",
+               map_location: str | torch.device = "cpu") -> tuple[CoMAE, dict[str, Any]]:
+    """A trained CoMAE from ``path`` (``data/comae``), read by :func:`load_run`.
+
+    ``expect``: the ComaeConfig the caller was configured with; an architecture that differs
+    from the stored one is refused with the differing keys named (params.yaml changed since
+    training: re-run train_comae). Returns (model in eval mode, info) with info = {"config",
+    "weights" (file name), "sha256" (of that file), "path"}.
+    """
+    try:
+        run = load_run(path, weights, map_location)
+    except FileNotFoundError as err:
+        raise ComaeError(str(err)) from None
+    stored = run.task
+    if expect is not None:
+        want = {"grid": stored.get("grid"), "token_dim": stored.get("token_dim"),
+                "comae": expect.model_dump(mode="json", by_alias=True)}
+        diff = arch_mismatch(stored, want)
+        if diff:
+            raise ComaeError(
+                f"the CoMAE in {path} was trained with another architecture than the one "
+                f"configured ({'; '.join(diff)}); re-run train_comae or restore the params"
+            )
+    try:
+        model = comae_from_config(stored)
+    except ComaeError as err:
+        raise ComaeError(f"{run.path / 'config.json'}: {err}") from None
+    state, own = run.state, model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in own.items()
+             if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        raise ComaeError(
+            f"{run.weights} does not match its config.json (missing {missing[:4]}, unexpected "
+            f"{unexpected[:4]}, wrong shapes {wrong[:4]}); the folder mixes two trainings"
+        )
+    model.load_state_dict(state)
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ComaeError(f"{run.weights} holds NaN/inf weights in {bad[:4]}")
+    info = {"config": stored, "weights": run.weights.name, "sha256": run.sha256(), "path": str(path)}
+    return model.to(map_location).eval(), info
+
+
+__all__ = ["ComaeTask", "DECODER", "ENCODER", "comae_from_config", "load_comae"]

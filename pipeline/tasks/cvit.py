@@ -1,4 +1,6 @@
-"""CViT training and evaluation (paper Sec. 3.4, 4.4, Tab. 5, Fig. 8): data, drop policies, task.
+"""CViT training (paper Sec. 3.4, 4.4, Tab. 5): data, drop policies, the task, the trained model.
+
+Evaluation (Tab. 5, Fig. 8) is in :mod:`pipeline.tasks.cvit_eval`.
 
 Variants (Tab. 5). Three models are trained, four rows are tested:
 
@@ -32,13 +34,10 @@ uses the order of the flipped image (the shard set's ``flip_order``).
 
 from __future__ import annotations
 
-import json
 import math
-import statistics
-import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,11 +45,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from pipeline.models.vit import VisionTransformer, VitArch, vit_forward_flops
+from pipeline.config import VARIANTS, Params
+from pipeline.models.vit import VisionTransformer, VitArch, load_pretrained
+from pipeline.train.checkpoint import load_run
 from pipeline.train.trainer import StepContext, TrainTask
-from pipeline.utils.io import sha256_json
+from pipeline.utils.io import sha256_file, sha256_json
 
-VARIANTS = ("vit", "rvit", "cvit")
 TRAIN_DROP = {"vit": "none", "rvit": "random", "cvit": "collapse"}
 # Tab. 5 row -> (trained variant, drop at test)
 ROWS: dict[str, tuple[str, str]] = {
@@ -260,150 +260,43 @@ class CvitTask(TrainTask):
 # ----------------------------------------------------------------------------- saved models
 
 
+def build_vit(params: Params, crop_size: int, grid: int, num_classes: int,
+              ) -> tuple[VisionTransformer, dict[str, Any]]:
+    """A variant's ViT on the latent grid (patch size = image size / grid), from timm weights
+    when ``cvit.pretrained`` is set; returns the model and what was loaded into it."""
+    cfg = params.cvit
+    arch = VitArch.for_grid(crop_size, grid, num_classes, dim=cfg.dim, depth=cfg.depth,
+                            heads=cfg.heads, mlp_ratio=cfg.mlp_ratio)
+    torch.manual_seed(params.seed)  # the same initial weights for every variant
+    model = VisionTransformer(arch)
+    info: dict[str, Any] = {"pretrained": None}
+    if cfg.pretrained:
+        report = load_pretrained(model, cfg.pretrained, allow_missing_keys=cfg.allow_missing_keys)
+        print(f"[cvit] pretrained {cfg.pretrained}: {report.summary()}", flush=True)
+        info = {"pretrained": str(cfg.pretrained), "pretrained_sha256": sha256_file(cfg.pretrained),
+                "loaded": len(report.loaded), "missing": report.missing,
+                "unexpected": report.unexpected, "dropped": report.dropped,
+                "reinitialized": report.reinitialized,
+                "pos_embed_resized": report.pos_embed_resized}
+    return model, info
+
+
 def load_cvit(directory: str | Path, prefer_ema: bool = True) -> tuple[VisionTransformer, dict[str, Any]]:
-    """A trained variant from ``data/cvit/<variant>`` (the trainer's ``config.json`` + weights).
+    """A trained variant from ``data/cvit/<variant>`` (read by :func:`load_run`).
 
     The EMA weights are used when the run kept them (the paper evaluates its EMA model).
     """
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    cfg_path = directory / "config.json"
-    if not cfg_path.exists():
-        raise FileNotFoundError(f"{cfg_path} not found: train it first (`cop train-cvit`)")
-    meta = json.loads(cfg_path.read_text())
-    task = meta.get("task", {})
+    run = load_run(directory, "auto" if prefer_ema else "model")
+    task = run.task
     if task.get("kind") != TASK_KIND or "arch" not in task:
         raise ValueError(f"{directory} does not hold a CViT model (task kind {task.get('kind')!r})")
     model = VisionTransformer(VitArch.from_dict(task["arch"]))
-    ema = directory / "model_ema.safetensors"
-    weights = ema if prefer_ema and ema.exists() else directory / "model.safetensors"
-    model.load_state_dict(load_file(str(weights)))
-    meta["weights"] = weights.name
-    return model.eval(), meta
-
-
-def check_model_fits(name: str, model: VisionTransformer, meta: dict[str, Any], orders: Any,
-                     images: Any) -> None:
-    """A trained variant must match the evaluation data: patch grid, image size, classes and
-    the tokenizer its training orders came from."""
-    arch = model.arch
-    if arch.grid != orders.grid:
-        raise OrdersMismatchError(
-            f"model {name!r} has a {arch.grid}x{arch.grid} patch grid ({arch.img_size}px / "
-            f"{arch.patch_size}px patches), the orders in {orders.path} a "
-            f"{orders.grid}x{orders.grid} grid: retrain it on these orders")
-    if arch.img_size != images.crop_size:
-        raise OrdersMismatchError(f"model {name!r} takes {arch.img_size}px images, "
-                                  f"{images.path} holds {images.crop_size}px crops")
-    if arch.num_classes != len(images.classes):
-        raise OrdersMismatchError(f"model {name!r} has {arch.num_classes} classes, "
-                                  f"{images.path} {len(images.classes)}")
-    trained_on = meta.get("task", {}).get("orders_tokenizer")
-    here = orders_tokenizer_fingerprint(orders)
-    if trained_on != here:
-        tok = orders.tokenizer_identity or {}
-        raise OrdersMismatchError(
-            f"model {name!r} was trained with collapse orders of tokenizer identity "
-            f"{str(trained_on)[:12]}, the orders in {orders.path} come from tokenizer "
-            f"{tok.get('kind')!r} (identity {here[:12]}): evaluate with orders of the same tokenizer")
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-
-@torch.inference_mode()
-def evaluate_rows(models: dict[str, VisionTransformer], loader: Iterable[dict[str, Tensor]],
-                  ratios: list[float], device: torch.device, amp_dtype: torch.dtype = torch.float32,
-                  rows: dict[str, tuple[str, str]] = ROWS, progress: Any = None,
-                  ) -> dict[str, dict[str, list[float]]]:
-    """Top-1/top-5 (%) of every Tab. 5 row at every mask ratio, in one pass over the data.
-
-    Each batch is decoded once and run through every (model, drop, ratio).
-    Returns {row: {"top1": [per ratio], "top5": [per ratio]}}.
-    """
-    from pipeline.metrics.curves import topk_correct
-    from pipeline.utils.device import autocast
-
-    hits = {r: np.zeros((2, len(ratios)), np.int64) for r in rows}
-    seen = 0
-    for batch in loader:
-        x = images_to_input(batch["image"]).to(device)
-        labels = batch["label"].to(device)
-        drops = {"collapse": batch["order"].to(device), "random": batch["random_order"].to(device)}
-        seen += len(labels)
-        for j, ratio in enumerate(ratios):
-            for row, (variant, drop) in rows.items():
-                model = models[variant]
-                k = num_keep(ratio, model.num_patches)
-                with autocast(device, amp_dtype):
-                    logits = model(x, keep_first(drops[drop], k))
-                c = topk_correct(logits.float(), labels, ks=(1, 5))
-                hits[row][0, j] += c[1]
-                hits[row][1, j] += c[5]
-        if progress is not None:
-            progress.update(len(labels))
-    if seen == 0:
-        raise ValueError("the evaluation set is empty")
-    return {row: {"top1": (100.0 * h[0] / seen).tolist(), "top5": (100.0 * h[1] / seen).tolist()}
-            for row, h in hits.items()}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@torch.inference_mode()
-def measure_cost(model: VisionTransformer, images: Tensor, orders: Tensor, ratios: list[float],
-                 repeats: int = 5, amp_dtype: torch.dtype = torch.float32,
-                 ) -> dict[float, dict[str, float]]:
-    """Per mask ratio: analytic FLOP ratio and measured wall-time ratio against the full sequence.
-
-    ``images`` [B, 3, H, W] on the model's device, ``orders`` [B, N]. Wall times are medians
-    over ``repeats`` rounds; each round times every ratio once, interleaved, so drifting
-    machine load (a shared CPU) hits all ratios alike.
-    """
-    from pipeline.utils.device import autocast
-
-    device = images.device
-    N = model.num_patches
-    ks = sorted({num_keep(r, N) for r in ratios} | {N})
-
-    def run(k: int) -> float:
-        keep = keep_first(orders, k)
-        _sync(device)
-        t0 = time.perf_counter()
-        with autocast(device, amp_dtype):
-            model(images, keep)
-        _sync(device)
-        return time.perf_counter() - t0
-
-    for k in ks:  # warm-up: allocator, kernels, caches
-        run(k)
-    times: dict[int, list[float]] = {k: [] for k in ks}
-    for _ in range(repeats):
-        for k in ks:
-            times[k].append(run(k))
-    med = {k: statistics.median(v) for k, v in times.items()}
-    full_flops = vit_forward_flops(model.arch, N)
-    out = {}
-    for r in ratios:
-        k = num_keep(r, N)
-        out[r] = {"kept": k, "flop_ratio": vit_forward_flops(model.arch, k) / full_flops,
-                  "time_ratio": med[k] / med[N], "time_s": med[k]}
-    return out
-
-
-def ratio_label(ratio: float) -> str:
-    """0.78 -> "78": metric names like Tab. 5's T1@78% (no dots: DVC flattens keys on dots)."""
-    pct = round(ratio * 100, 6)
-    return str(int(pct)) if pct == int(pct) else str(pct).replace(".", "_")
+    model.load_state_dict(run.state)
+    return model.eval(), {**run.meta, "weights": run.weights.name}
 
 
 __all__ = [
     "CvitImageDataset", "CvitTask", "OrdersMismatchError", "ROWS", "TRAIN_DROP", "VARIANTS",
-    "check_model_fits", "check_orders_match_images", "cosine_mask_ratio", "evaluate_rows",
-    "images_to_input", "keep_first", "load_cvit", "measure_cost", "num_keep",
-    "orders_tokenizer_fingerprint", "random_order", "ratio_label",
+    "build_vit", "check_orders_match_images", "cosine_mask_ratio", "images_to_input",
+    "keep_first", "load_cvit", "num_keep", "orders_tokenizer_fingerprint", "random_order",
 ]

@@ -1,7 +1,7 @@
 """``cop orders ...``: reuse, compute and inspect collapse-order shard sets outside DVC.
 
-Kept apart from :mod:`pipeline.cli` (the stage commands); ``pipeline.cli`` mounts
-``orders_app`` under ``cop orders``. Every command calls the library and prints a summary.
+Kept apart from :mod:`stages.cli` (the stage commands), which mounts ``orders_app`` under
+``cop orders``. Every command calls the library and prints a summary.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def orders_compute(
 ) -> None:
     """Collapse orders for your own images with a trained CoMAE (no DVC graph; resumable)."""
     from pipeline.config import OrdersConfig, load_params
-    from pipeline.orders.compute import compute_orders
+    from pipeline.tasks.orders import compute_orders
 
     cfg = load_params(params).orders if params.exists() else OrdersConfig()
     compute_orders(images, out, comae=comae, tokenizer=tokenizer, training_latents=training_latents,

@@ -1,7 +1,7 @@
 """Fixtures for the CViT tests, built through the project's real writers.
 
-- an image set written by ``pipeline.data.imageset`` (``write_shard`` + ``write_index``);
-- a latent store for it (``create_store``) whose tokens are the mean colour of each patch;
+- an image set written by ``pipeline.data.imageset`` (``tests.support.write_imageset``);
+- a latent store for it (``tests.support.write_store``) whose tokens are the mean colour of each patch;
 - collapse orders exported from that store by ``pipeline.orders.export.export_split`` with a
   tiny position-aware stand-in for CoMAE.
 
@@ -15,13 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import zarr
 
 from pipeline.config import OrdersConfig
-from pipeline.data.imageset import ImageSet, Record, encode_image, shard_name, write_index, write_shard
-from pipeline.latents.store import LatentStore, create_store
+from pipeline.data.imageset import ImageSet
+from pipeline.latents.store import LatentStore
 from pipeline.orders.export import export_split
 from pipeline.orders.shards import CollapseOrders
+from tests.support import write_imageset, write_store
 
 TOKENIZER = {"kind": "patch", "config": {"patch_size": 8, "dim": 3}, "sha256": "c" * 64}
 
@@ -39,16 +39,11 @@ def class_image(c: int, i: int, size: int, seed: int) -> np.ndarray:
 
 def make_imageset(split_dir: Path, split: str, classes: int = 3, per_class: int = 8,
                   size: int = 32, seed: int = 0) -> ImageSet:
-    split_dir.mkdir(parents=True, exist_ok=True)
-    recs = [Record(key=f"c{c}/img_{i:03d}", label=c,
-                   image=encode_image(class_image(c, i, size, seed + (split == "val"))))
-            for c in range(classes) for i in range(per_class)]
-    recs.sort(key=lambda r: r.key)
-    shards = [write_shard(split_dir / shard_name(0), recs, "png")]
-    write_index(split_dir, split=split, crop_size=size, classes=[f"c{c}" for c in range(classes)],
-                image_format="png", source={"kind": "cvit-test", "seed": seed},
-                fingerprint=f"cvit-test-{split}-{seed}", shards=shards)
-    return ImageSet(split_dir)
+    images = [(f"c{c}/img_{i:03d}", c, class_image(c, i, size, seed + (split == "val")))
+              for c in range(classes) for i in range(per_class)]
+    return write_imageset(split_dir, split, images, [f"c{c}" for c in range(classes)], size,
+                          per_shard=len(images), source={"kind": "cvit-test", "seed": seed},
+                          fingerprint=f"cvit-test-{split}-{seed}")
 
 
 class TinyDependencyModel(torch.nn.Module):
@@ -82,16 +77,10 @@ def make_store(path: Path, images: ImageSet, grid: int, tokenizer: dict | None =
         means = img.reshape(grid, p, grid, p, 3).mean(axis=(1, 3)).transpose(2, 0, 1)  # [3, g, g]
         mom[i, 0, :3] = means
         mom[i, 1, :3] = means[:, :, ::-1]
-    create_store(path, keys=images.keys[:n], labels=images.labels[:n].tolist(), grid=grid, dim=3,
-                 rows_per_chunk=4, rows_per_shard=8, compression_level=1,
-                 fingerprint=f"cvit-test-{path.name}",
-                 attrs={"tokenizer": tokenizer or TOKENIZER,
-                        "crop_size": crop_size or images.crop_size, "scale_factor": 1.0,
-                        "classes": images.classes, "source": images.identity})
-    root = zarr.open_group(str(path), mode="r+")
-    root["moments"][:] = mom
-    root.attrs["complete"] = True
-    return LatentStore(path)
+    return write_store(path, images.keys[:n], images.labels[:n].tolist(), mom,
+                       {"tokenizer": tokenizer or TOKENIZER, "crop_size": crop_size or images.crop_size,
+                        "scale_factor": 1.0, "classes": images.classes, "source": images.identity},
+                       fingerprint=f"cvit-test-{path.name}")
 
 
 def make_orders(out: Path, images: ImageSet, grid: int, split: str, work: Path,
@@ -106,10 +95,10 @@ def make_orders(out: Path, images: ImageSet, grid: int, split: str, work: Path,
 
 
 def make_data_dir(root: Path, grid: int = 4, size: int = 32, classes: int = 3,
-                  per_class: int = 8) -> Path:
+                  per_class: int = 8, seed: int = 0) -> Path:
     """``root/data`` laid out as the pipeline has it: images/{train,val}, orders/{train,val}."""
     data = root / "data"
     for split, n in (("train", per_class), ("val", max(2, per_class // 2))):
-        images = make_imageset(data / "images" / split, split, classes, n, size)
+        images = make_imageset(data / "images" / split, split, classes, n, size, seed)
         make_orders(data / "orders" / split, images, grid, split, root / "work")
     return data

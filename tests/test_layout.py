@@ -1,0 +1,42 @@
+"""Imports run one way: stages -> tasks -> models/orders/latents -> train/data/tokenizers/metrics
+-> config/utils, never back up and never sideways between packages of one layer."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+LAYERS = [("stages",), ("tasks",), ("models", "orders", "latents"),
+          ("train", "data", "tokenizers", "metrics"), ("config", "utils")]
+RANK = {pkg: i for i, names in enumerate(LAYERS) for pkg in names}
+
+
+def _package(module: str) -> str | None:
+    """``stages.x`` -> "stages"; ``pipeline.models.vit`` -> "models"; ``pipeline.config`` -> "config"."""
+    parts = module.split(".")
+    if parts[0] == "stages":
+        return "stages"
+    return parts[1] if parts[0] == "pipeline" and len(parts) > 1 and parts[1] in RANK else None
+
+
+def test_imports_run_one_way():
+    bad = []
+    for path in sorted(REPO.glob("pipeline/**/*.py")) + sorted(REPO.glob("stages/*.py")):
+        mine = _package(".".join(path.relative_to(REPO).with_suffix("").parts))
+        if mine is None:  # pipeline/__init__.py
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                targets = [node.module]
+            else:
+                continue
+            for target in targets:
+                theirs = _package(target)
+                if theirs is None or theirs == mine:
+                    continue
+                if RANK[theirs] <= RANK[mine]:
+                    bad.append(f"{path.relative_to(REPO)}: imports {target}")
+    assert not bad, "imports against the layering:\n" + "\n".join(bad)
