@@ -163,6 +163,10 @@ class ComaeConfig(Section):
     probe_steps: int = Field(
         600, ge=1, description="steps of the CoMAE trained on the copy-mechanism probe "
         "(stage probe_comae; same architecture and train settings otherwise)")
+    budget_start: float | None = Field(
+        None, gt=0, lt=1, description="anneal the budget from this value down to 'budget' "
+        "over the first budget_anneal of training; null: the budget is constant")
+    budget_anneal: float = Field(0.5, gt=0, le=1, description="share of training spent annealing")
     decoder_sees_alpha: bool = Field(
         False, description="give g each token's noise level alpha as an extra input channel "
         "(as MAE's decoder knows which tokens are masked); false: paper")

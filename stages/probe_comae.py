@@ -34,8 +34,9 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
         torch.manual_seed(params.seed)
         model = CoMAE(cfg, store.grid, store.dim)
         train_cfg = cfg.train.model_copy(update={"steps": cfg.probe_steps})
+        cfg = cfg.model_copy(update={"train": train_cfg})  # schedules follow the probe's length
         task = ComaeTask(model, cfg, extra_config={"init_seed": params.seed, "probe": "copy-mechanism"})
-        trainer = Trainer(task, MechanismDataset(TokenGridDataset(store)), train_cfg,
+        trainer = Trainer(task, MechanismDataset(TokenGridDataset(store)), cfg.train,
                           data_dir / "comae_probe", inputs={"latents": store.identity},
                           desc="comae probe")
         final = trainer.fit()

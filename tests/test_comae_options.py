@@ -62,3 +62,19 @@ def test_w_shuffle_moves_weights_but_never_onto_the_target():
     perm = torch.arange(16).repeat(1, 3, 1).scatter(2, kept, moved)
     assert (perm.gather(2, targets.unsqueeze(-1)).squeeze(-1) == targets).all()
     assert (perm.sort(-1).values == torch.arange(16)).all()
+
+
+def test_budget_anneals_from_start_to_budget():
+    cfg = _cfg(budget=0.1, budget_start=0.9, budget_anneal=0.5,
+               train=TrainConfig(steps=100))
+    task = ComaeTask(CoMAE(cfg, 4, 8), cfg)
+    assert task.budget_at(0) == pytest.approx(0.9)
+    assert task.budget_at(25) == pytest.approx(0.5)
+    assert task.budget_at(50) == pytest.approx(0.1) and task.budget_at(99) == pytest.approx(0.1)
+    constant = ComaeTask(CoMAE(_cfg(budget=0.2), 4, 8), _cfg(budget=0.2))
+    assert constant.budget_at(0) == constant.budget_at(99) == 0.2
+    # The model reads the annealed value while training, its configured budget otherwise.
+    model = task.model
+    model.budget_now = 0.6
+    w = model.select(torch.randn(1, 16, 8), torch.tensor([[3]]))
+    assert w.sum().item() / 15 == pytest.approx(0.6, abs=1e-5)

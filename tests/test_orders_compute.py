@@ -126,7 +126,7 @@ def test_cli_and_tokenizer_check(tmp_path: Path, trained: dict[str, Path], monke
     assert "orders of 5 images" in r.output and "cop orders show --orders mine" in r.output
     assert len(CollapseOrders(tmp_path / "mine")) == 5
     # the CoMAE's training latents say another tokenizer: refused, naming both
-    from tests.test_orders_support import make_store
+    from tests.orders_data import make_store
 
     make_store(tmp_path / "data/latents/train.zarr", n=2, grid=GRID, dim=DIM)
     with pytest.raises(ComputeError, match="not the one of .*train.zarr"):

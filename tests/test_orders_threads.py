@@ -16,8 +16,8 @@ import torch
 from pipeline.config import ComaeConfig
 from pipeline.models.comae import CoMAE
 from pipeline.orders.export import export_split
-from tests.test_orders_export import CFG, COMAE_ID, set_bytes
-from tests.test_orders_support import make_store
+from tests.orders_data import CFG, COMAE_ID, set_bytes
+from tests.orders_data import make_store
 
 
 @pytest.fixture()

@@ -205,6 +205,9 @@ class CoMAE(nn.Module):
                                     cfg.mlp_ratio)
         self.recon_head = ResidualMLP(cfg.dec_dim, token_dim, cfg.head_layers)
         self.log_tau = nn.Parameter(torch.tensor(math.log(cfg.tau_init)))
+        # The training task anneals the budget (comae.budget_start); trained models read
+        # with comae.budget.
+        self.budget_now: float | None = None
 
         # keep[n] = [0..N-1] without n: the tokens a sequence for target n holds.
         ar = torch.arange(N)
@@ -268,8 +271,9 @@ class CoMAE(nn.Module):
         """f for S sequences: image img[s] with target tgt[s]. tokens [B, N, D] -> w [S, N]."""
         h = self.encoder(self._kept(tokens, img, tgt), tgt, self._rope(tgt, self.encoder.head_dim))
         logits = self.select_head(h).float()  # [S, N]
-        if self.cfg.budget is not None:
-            logits = logits - budget_shift(logits, tgt, self.cfg.budget)
+        budget = self.cfg.budget if self.budget_now is None else self.budget_now
+        if budget is not None:
+            logits = logits - budget_shift(logits, tgt, budget)
         w = (1.0 + torch.tanh(logits)) / 2.0  # "tanh normalization" into [0, 1]
         return w.scatter(1, tgt.unsqueeze(1), 0.0)  # w^n_n = 0
 

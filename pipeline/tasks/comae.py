@@ -69,6 +69,16 @@ class ComaeTask(TrainTask):
         # different lambda/sigma/targets is a different experiment, not a continuation.
         return {**self.model.config(), **self.extra_config}
 
+    def budget_at(self, step: int) -> float | None:
+        """The selection budget at ``step``: ``budget_start`` falling linearly to ``budget``
+        over the first ``budget_anneal`` of training, so g first learns from rich context
+        which tokens matter, then f must choose few of them (a curriculum; null: constant)."""
+        cfg = self.cfg
+        if cfg.budget is None or cfg.budget_start is None:
+            return cfg.budget
+        t = min(1.0, step / max(1.0, cfg.budget_anneal * cfg.train.steps))
+        return cfg.budget_start + t * (cfg.budget - cfg.budget_start)
+
     def loss(self, model: nn.Module, batch: dict[str, Tensor], ctx: StepContext
              ) -> tuple[Tensor, dict[str, float | Tensor]]:
         core = _unwrap(model)  # for its sizes and checks; the pass itself goes through model
@@ -78,6 +88,7 @@ class ComaeTask(TrainTask):
         grids = torch.where(flip[:, None, None, None], batch["tokens_flip"].to(ctx.device), grids)
         tokens = grids.flatten(2).transpose(1, 2).contiguous()  # [b, N, D]
         core.check_tokens(tokens)  # wrong grid/dim or NaN/inf: stop before any update
+        core.budget_now = self.budget_at(ctx.step)
         targets = ctx.randperm(N)[:, :T]  # [b, T] distinct targets per image
         eps = ctx.randn(T, N - 1, D)  # [b, T, N-1, D] eq. 3 noise for the kept tokens
 
