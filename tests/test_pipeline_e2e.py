@@ -129,8 +129,8 @@ def test_changed_data_retrains_from_scratch(repo):
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = _run(dvc + ["repro", "train_comae", "train_cmar", "train_cvit@cvit"], root, env).stdout
     for metrics, steps in (("reports/comae.json", TINY["comae"]["train"]["steps"]),
-                           ("metrics/cmar_train.json", TINY["cmar"]["train"]["steps"]),
-                           ("metrics/cvit_train_cvit.json", TINY["cvit"]["train"]["steps"])):
+                           ("reports/cmar_train.json", TINY["cmar"]["train"]["steps"]),
+                           ("reports/cvit_train_cvit.json", TINY["cvit"]["train"]["steps"])):
         m = json.loads((root / "data" / metrics).read_text())
         assert m["steps_this_run"] == steps, (metrics, m)
     assert out.count("starting over") == 3, out[-3000:]
