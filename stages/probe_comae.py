@@ -45,8 +45,10 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
         probe, _ = load_comae(data_dir / "comae_probe")
         val = LatentStore(data_dir / "latents" / "val.zarr", in_memory=True)
         scores = precision_at_1(probe, val.tokens(np.arange(len(val))))
-        metrics = {**scores, "L_r": final.get("L_r"), "train_steps": final.get("train_steps"),
-                   "wall_time_s": final.get("wall_time_s")}
+        # names of their own: `dvc exp show` prefixes a key two metrics files share with the
+        # file's path, and train_comae's L_r is the one an experiment table shows
+        metrics = {**scores, "probe_L_r": final.get("L_r"), "probe_steps": final.get("train_steps"),
+                   "probe_wall_time_s": final.get("wall_time_s")}
         atomic_write_json(data_dir / "metrics" / "comae_probe.json", metrics)
         print(f"[comae probe] copy-mechanism precision@1 {scores['precision_at_1']:.3f} "
               f"(chance {scores['chance']:.3f}; a position prior scores <= 0.5) after "
