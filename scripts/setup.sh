@@ -17,6 +17,8 @@ fi
 echo "[setup] installing the project (editable) with extras: ${EXTRAS:-}" >&2
 $PIP install -c .venv/torch-constraint.txt -e ".${EXTRAS:+[$EXTRAS]}" 2> >(grep -v "is ignored: it is neither" >&2)
 # DVC needs a git repository with a commit for `dvc exp run`; a tarball checkout gets one.
-if [ ! -d .git ]; then
+# (`.git` is a file in a git worktree: ask git, not the file system, or a worktree's
+# uncommitted changes would be committed as a "snapshot".)
+if ! git rev-parse --git-dir >/dev/null 2>&1; then
   git init -q && git add -A && git -c user.name=cop -c user.email=cop@localhost commit -qm "initial snapshot"
 fi

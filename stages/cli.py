@@ -66,6 +66,9 @@ STAGES = (
           ("cop train-cmar", "cop train-cmar -S cmar.order=random   # the MAR baseline")),
     Stage("eval_cmar", "Sample from (C)MAR in the configured order and score the samples.",
           ("cop eval-cmar", "cop eval-cmar -S cmar.cfg=1.5 -S cmar.num_iter=64")),
+    Stage("report", "Write data/report.html: metrics tables, orders vs baselines, curves, order "
+          "pictures, Fig. 8 and samples in one self-contained page (no network needed).",
+          ("cop report", "xdg-open data/report.html")),
 )
 
 app = typer.Typer(

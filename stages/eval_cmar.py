@@ -5,8 +5,10 @@ For every class, ``cmar.samples_per_class`` images are generated in ``cmar.sampl
 ``cmar.direction``, with CFG ``cmar.cfg`` / temperature ``cmar.temperature``, decoded by the
 tokenizer and written to ``data/cmar_samples/<class>/NNNN.png`` plus one grid per class
 (``data/cmar_samples/grid_<class>.png``) and an all-class grid ``data/plots/cmar_samples.png``.
-The metrics (``data/metrics/cmar.json``, what ``dvc exp show`` lists) are described in
-:mod:`pipeline.tasks.cmar_eval`.
+The metrics (``data/metrics/cmar.json``, what ``dvc exp show`` lists: flat, at most a dozen)
+are described in :mod:`pipeline.tasks.cmar_eval`; the full record (metrics, params, the
+model's training config, classes) is ``data/reports/cmar.json`` (also
+``data/cmar_samples/report.json``).
 """
 
 from __future__ import annotations
@@ -70,10 +72,11 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> None:
                **inception_metrics(cfg, images, real, dev)}
 
     atomic_write_json(data_dir / "metrics" / "cmar.json", metrics)
-    atomic_write_json(out_dir / "report.json", {
-        "metrics": metrics, "params": params_dict(cfg), "model": trained, "classes": classes,
-        "feature_space": "CViT 'vit' variant pre-logit [cls] features (data/cvit/vit); "
-                         "frechet_cvit_distance is not an FID"})
+    report = {"metrics": metrics, "params": params_dict(cfg), "model": trained, "classes": classes,
+              "feature_space": "CViT 'vit' variant pre-logit [cls] features (data/cvit/vit); "
+                               "frechet_cvit_distance is not an FID"}
+    atomic_write_json(out_dir / "report.json", report)
+    atomic_write_json(data_dir / "reports" / "cmar.json", report)
     print(f"[eval_cmar] {len(images)} samples; " + ", ".join(
         f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)), flush=True)
 

@@ -2,8 +2,10 @@
 
 torchrun-able: ranks split the work by Zarr shard. The ``patch`` STAND-IN tokenizer is fitted
 here on training images (rank 0 fits and saves it to ``data/latents/tokenizer/``, the others
-load it); ``kl16`` is loaded from ``tokenizer.checkpoint`` on every rank. Writes
-``data/latents/report.json`` and ``data/metrics/extract_latents.json``.
+load it); ``kl16`` is loaded from ``tokenizer.checkpoint`` on every rank. Writes the full
+record to ``data/latents/report.json`` and ``data/reports/extract_latents.json`` (params,
+tokenizer identity, per-split timings, skipped inputs) and the headline figures to
+``data/metrics/extract_latents.json``.
 """
 
 from __future__ import annotations
@@ -96,6 +98,7 @@ def _write_report(data_dir: Path, params: Params, tok: Tokenizer, results: dict[
         "images_per_s": round(encoded / seconds, 2) if seconds > 0 and encoded else 0.0,
     }
     atomic_write_json(data_dir / "latents" / "report.json", report)
+    atomic_write_json(data_dir / "reports" / "extract_latents.json", report)
     metrics = {
         "train_images": results["train"]["rows"],
         "val_images": results["val"]["rows"],

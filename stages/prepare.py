@@ -1,7 +1,9 @@
 """Stage ``prepare``: build the prepared image set ``data/images/{train,val}``.
 
 Reads ``params.data`` (and ``params.seed``); writes webdataset shards + ``index.json`` +
-``skipped.jsonl`` per split and ``data/metrics/prepare.json``. Resumable (``persist: true``):
+``skipped.jsonl`` per split, the full record in ``data/reports/prepare.json`` and the headline
+figures (images and skips per split, classes, crop size) in ``data/metrics/prepare.json``.
+Resumable (``persist: true``):
 complete shards of the same fingerprint are kept. Under torchrun, ranks share the shards.
 """
 
@@ -13,6 +15,14 @@ from pipeline.config import Params
 
 IMAGES_DIR = Path("data/images")
 METRICS_PATH = Path("data/metrics/prepare.json")
+REPORT_PATH = Path("data/reports/prepare.json")
+
+
+def headline(record: dict) -> dict:
+    """The flat figures `dvc metrics show` prints; the rest stays in the report."""
+    out = {f"{split}_{k}": m[k] for split, m in record["splits"].items()
+           for k in ("count", "skipped")}
+    return {**out, "num_classes": record["num_classes"], "crop_size": record["crop_size"]}
 
 
 def run(params: Params) -> None:
@@ -25,7 +35,8 @@ def run(params: Params) -> None:
     info = init_distributed()
     metrics = prepare_images(params, IMAGES_DIR, info)
     if info.is_main:
-        atomic_write_json(METRICS_PATH, metrics)
+        atomic_write_json(REPORT_PATH, metrics)
+        atomic_write_json(METRICS_PATH, headline(metrics))
         print(summary(metrics), flush=True)
 
 

@@ -13,13 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from pipeline.config import Params
 from pipeline.latents.store import LatentStore, TokenGridDataset
 from pipeline.metrics.mechanism import MechanismDataset, precision_at_1
-from pipeline.models.comae import CoMAE
-from pipeline.tasks.comae import ComaeTask, load_comae
+from pipeline.tasks.comae import build_comae, load_comae
 from pipeline.train.trainer import Trainer
 from pipeline.utils.dist import cleanup, init_distributed
 from pipeline.utils.io import atomic_write_json
@@ -31,11 +29,9 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
     info = init_distributed()
     try:
         store = LatentStore(data_dir / "latents" / "train.zarr", in_memory=True)
-        torch.manual_seed(params.seed)
-        model = CoMAE(cfg, store.grid, store.dim)
         train_cfg = cfg.train.model_copy(update={"steps": cfg.probe_steps})
         cfg = cfg.model_copy(update={"train": train_cfg})  # schedules follow the probe's length
-        task = ComaeTask(model, cfg, extra_config={"init_seed": params.seed, "probe": "copy-mechanism"})
+        task = build_comae(cfg, store, params.seed, probe="copy-mechanism")
         trainer = Trainer(task, MechanismDataset(TokenGridDataset(store)), cfg.train,
                           data_dir / "comae_probe", inputs={"latents": store.identity},
                           desc="comae probe")
@@ -45,8 +41,10 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
         probe, _ = load_comae(data_dir / "comae_probe")
         val = LatentStore(data_dir / "latents" / "val.zarr", in_memory=True)
         scores = precision_at_1(probe, val.tokens(np.arange(len(val))))
-        metrics = {**scores, "L_r": final.get("L_r"), "train_steps": final.get("train_steps"),
-                   "wall_time_s": final.get("wall_time_s")}
+        # names of their own: `dvc exp show` prefixes a key two metrics files share with the
+        # file's path, and train_comae's L_r is the one an experiment table shows
+        metrics = {**scores, "probe_L_r": final.get("L_r"), "probe_steps": final.get("train_steps"),
+                   "probe_wall_time_s": final.get("wall_time_s")}
         atomic_write_json(data_dir / "metrics" / "comae_probe.json", metrics)
         print(f"[comae probe] copy-mechanism precision@1 {scores['precision_at_1']:.3f} "
               f"(chance {scores['chance']:.3f}; a position prior scores <= 0.5) after "

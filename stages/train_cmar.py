@@ -7,7 +7,8 @@ default the EMA weights MAR evaluates) and fine-tunes; otherwise it trains from 
 the configured (small, by default) size. The shared trainer does resume, DDP (torchrun),
 EMA and bf16. Writes ``data/cmar/{model,model_ema}.safetensors``, ``config.json`` (what
 :func:`pipeline.tasks.cmar.load_cmar` rebuilds the model from), ``pretrained.json``,
-``data/metrics/cmar_train.json`` and ``data/plots/cmar_train.csv``.
+the full record ``data/reports/cmar_train.json``, the headline figures
+``data/metrics/cmar_train.json`` (:data:`HEADLINE`) and the curves ``data/plots/cmar_train.csv``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from pipeline.tasks.cmar import CmarDataset, CmarTask, build_cmar
 from pipeline.train.trainer import Trainer
 from pipeline.utils.dist import cleanup, init_distributed
 from pipeline.utils.io import atomic_write_json
+
+# Headline figures for `dvc metrics show`; the rest is in data/reports/cmar_train.json.
+HEADLINE = ("loss", "train_steps", "wall_time_s", "items_per_s")
 
 
 def run(params: Params, data_dir: Path | str = Path("data")) -> None:
@@ -46,10 +50,12 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> None:
         trainer = Trainer(task, dataset, cfg.train, out_dir,
                           inputs={"latents": store.identity, "orders": orders.identity},
                           log_csv=data_dir / "plots" / "cmar_train.csv",
-                          metrics_json=data_dir / "metrics" / "cmar_train.json", desc="cmar")
+                          metrics_json=data_dir / "reports" / "cmar_train.json", desc="cmar")
         final = trainer.fit()
         if info.is_main:
             atomic_write_json(out_dir / "pretrained.json", pre)
+            atomic_write_json(data_dir / "metrics" / "cmar_train.json",
+                              {k: final.get(k) for k in HEADLINE})
             print(f"[cmar] loss {final.get('loss', float('nan')):.4f} after {final.get('train_steps')} steps "
                   f"-> {out_dir}", flush=True)
     finally:

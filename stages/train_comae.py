@@ -16,14 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from pipeline.config import Params
 from pipeline.latents.store import LatentStore, TokenGridDataset
 from pipeline.metrics.selection import format_selection, selection_report
-from pipeline.models.comae import CoMAE
 from pipeline.models.layers import count_params
-from pipeline.tasks.comae import ComaeTask, load_comae
+from pipeline.tasks.comae import build_comae, load_comae
 from pipeline.train.trainer import Trainer
 from pipeline.utils.dist import cleanup, init_distributed
 from pipeline.utils.io import atomic_write_json, read_json, write_csv
@@ -42,10 +40,8 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
         store = LatentStore(data_dir / "latents" / "train.zarr", in_memory=True)
         # The grid and token dim come from the store; a model is built for them (nothing
         # assumes 16x16x16), and the task re-checks every batch against the model.
-        torch.manual_seed(params.seed)  # initial weights are a function of the seed
-        model = CoMAE(cfg, store.grid, store.dim)
-        model.check_store(store)
-        task = ComaeTask(model, cfg, extra_config={"init_seed": params.seed})
+        task = build_comae(cfg, store, params.seed)
+        model = task.model
         report = {"lambda": cfg.lambda_, "sigma": cfg.sigma,
                   "targets_per_image": cfg.targets_per_image, "params": count_params(model),
                   "grid": store.grid, "token_dim": store.dim}

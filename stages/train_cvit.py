@@ -10,7 +10,8 @@ models share one patch grid). The ViT's patch size is image size / latent grid; 
 ``cvit.pretrained`` (timm ViT-B/16 weights) it starts from those, pos_embed resized.
 The shared trainer does resume, DDP (torchrun), EMA and bf16. Writes
 ``data/cvit/<variant>/{model,model_ema}.safetensors``, ``config.json``, ``train_log.csv``,
-``pretrained.json`` and ``data/metrics/cvit_train_<variant>.json``.
+``pretrained.json``, the full record ``data/reports/cvit_train_<variant>.json`` and the
+headline figures ``data/metrics/cvit_train_<variant>.json`` (:data:`HEADLINE`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ from pipeline.tasks.cvit import (
 from pipeline.train.trainer import Trainer
 from pipeline.utils.dist import cleanup, init_distributed
 from pipeline.utils.io import atomic_write_json
+
+# Headline figures for `dvc metrics show`; the rest is in data/reports/cvit_train_<variant>.json.
+HEADLINE = ("loss", "acc", "train_steps", "wall_time_s", "items_per_s")
 
 
 def run(params: Params, variant: str = "cvit", data_dir: Path | str = Path("data")) -> dict[str, Any]:
@@ -53,12 +57,14 @@ def run(params: Params, variant: str = "cvit", data_dir: Path | str = Path("data
         trainer = Trainer(task, dataset, cfg.train, out_dir,
                           inputs={"images": images.identity, "orders": orders.identity},
                           log_csv=out_dir / "train_log.csv", report=report,
-                          metrics_json=data_dir / "metrics" / f"cvit_train_{variant}.json",
+                          metrics_json=data_dir / "reports" / f"cvit_train_{variant}.json",
                           desc=f"cvit[{variant}]")
         final = trainer.fit()
         metrics = {**report, **final}
         if info.is_main:
             atomic_write_json(out_dir / "pretrained.json", pre)
+            atomic_write_json(data_dir / "metrics" / f"cvit_train_{variant}.json",
+                              {k: final.get(k) for k in HEADLINE})
             print(f"[cvit] {variant}: loss {final.get('loss', float('nan')):.4f}, train acc "
                   f"{final.get('acc', float('nan')):.3f} after {final.get('train_steps')} steps "
                   f"({final.get('wall_time_s', 0):.0f} s) -> {out_dir}", flush=True)

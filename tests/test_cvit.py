@@ -164,15 +164,22 @@ def test_train_and_eval_stages(data: Path, capsys) -> None:
         m = train_cvit.run(params, variant=v, data_dir=data)
         assert m["variant"] == v and m["train_steps"] == 20 and m["grid"] == 4
         assert (data / "cvit" / v / "model.safetensors").exists()
-        assert json.loads((data / "metrics" / f"cvit_train_{v}.json").read_text())["patch_size"] == 8
+        assert json.loads((data / "reports" / f"cvit_train_{v}.json").read_text())["patch_size"] == 8
+        headline = json.loads((data / "metrics" / f"cvit_train_{v}.json").read_text())
+        assert set(headline) == set(train_cvit.HEADLINE) and headline["train_steps"] == 20
     again = train_cvit.run(params, variant="cvit", data_dir=data)  # finished: resumes at the end
     assert again["steps_this_run"] == 0
     with pytest.raises(ValueError, match="unknown CViT variant"):
         train_cvit.run(params, variant="dvit", data_dir=data)
 
     metrics = eval_cvit.run(params, data_dir=data)
-    saved = json.loads((data / "metrics" / "cvit.json").read_text())
+    saved = json.loads((data / "reports" / "cvit.json").read_text())
     assert saved == json.loads(json.dumps(metrics))
+    headline = json.loads((data / "metrics" / "cvit.json").read_text())
+    assert headline == eval_cvit.headline(saved) and len(headline) <= 12
+    assert all(not isinstance(v, (dict, list)) for v in headline.values())
+    assert headline["AuC_CViT"] == saved["CViT"]["AuC"]
+    assert headline["top1@78_RViT"] == saved["RViT"]["top1@78"]
     for row in ("ViT", "ViT+C", "RViT", "CViT"):
         e = saved[row]
         assert set(e) == {"top1@0", "top5@0", "top1@30", "top5@30", "top1@50", "top5@50",

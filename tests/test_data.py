@@ -290,10 +290,14 @@ def test_cop_prepare_cli(tmp_path: Path, monkeypatch):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     result = CliRunner().invoke(app, ["prepare", "--params", "params.yaml", "-S", "data.shard_size=2"])
     assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "data" / "reports" / "prepare.json").read_text())
+    assert record["splits"]["train"]["count"] == 6 and record["splits"]["val"]["count"] == 2
+    assert record["splits"]["train"]["shards"] == 3 and record["num_classes"] == 2
+    assert record["splits"]["train"]["skipped_by_reason"] == {}
+    # the declared metrics file holds the headline figures only, flat
     metrics = json.loads((tmp_path / "data" / "metrics" / "prepare.json").read_text())
-    assert metrics["splits"]["train"]["count"] == 6 and metrics["splits"]["val"]["count"] == 2
-    assert metrics["splits"]["train"]["shards"] == 3 and metrics["num_classes"] == 2
-    assert metrics["splits"]["train"]["skipped_by_reason"] == {}
+    assert metrics == {"train_count": 6, "train_skipped": 0, "val_count": 2, "val_skipped": 0,
+                       "num_classes": 2, "crop_size": 16}
     assert len(ImageSet(tmp_path / "data" / "images" / "val")) == 2
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -106,6 +107,21 @@ def test_dvc_repro_and_experiments(repo):
     assert 0.0 <= probe["precision_at_1"] <= 1.0 and probe["chance"] == pytest.approx(1 / 15)
     assert "L_r_own" in json.loads((root / "data/reports/comae.json").read_text())["val"]
     assert (root / "data/plots/cvit_accuracy.csv").exists()
+    # Declared metrics are headline figures: flat, a dozen or so per stage; the rest is in reports.
+    for path in sorted((root / "data/metrics").glob("*.json")):
+        m = json.loads(path.read_text())
+        assert len(m) <= 14 and not any(isinstance(v, (dict, list)) for v in m.values()), path.name
+    for name in ("prepare", "extract_latents", "comae", "orders", "cvit_train_cvit", "cvit",
+                 "cmar_train", "cmar"):
+        assert (root / "data/reports" / f"{name}.json").exists(), name
+    # Every plot DVC draws is one dvc.yaml declares (x and y given), or an image.
+    plots = json.loads(_run(dvc + ["plots", "show", "--json"], root, env).stdout)["data"]
+    declared = {next(iter(p)) for p in yaml.safe_load((root / "dvc.yaml").read_text())["plots"]}
+    assert {k for k, v in plots.items() if v[0]["type"] == "vega"} == declared
+    assert all(k.endswith(".png") for k, v in plots.items() if v[0]["type"] != "vega")
+    # The offline report, rebuilt by the last stage.
+    page = (root / "data/report.html").read_text()
+    assert "https://" not in page and "http://" not in page and '<table class="orders">' in page
 
     # Nothing changed: a second repro runs no stage.
     out = _run(dvc + ["repro"], root, env).stdout
@@ -115,6 +131,15 @@ def test_dvc_repro_and_experiments(repo):
     _run(dvc + ["exp", "run", "-S", "comae.lambda=0", "--name", "no-contrastive"], root, env)
     shown = json.loads(_run(dvc + ["exp", "show", "--json"], root, env).stdout)
     assert "no-contrastive" in json.dumps(shown)
+    # The README's experiment table fits 120 columns and shows the Tab. 1 figures.
+    line = next(ln for ln in (REPO / "README.md").read_text().splitlines()
+                if ln.startswith("dvc exp show"))
+    table = _run([*dvc, *shlex.split(line)[1:], "--no-pager"], root,
+                 {**env, "COLUMNS": "1000"}).stdout
+    assert max(len(ln.rstrip()) for ln in table.splitlines()) <= 120, table
+    for col in ("Experiment", "comae.lambda", "L_r", "L_c", "H_mask", "auc_collapse"):
+        assert col in table, (col, table)
+    assert "no-contrastive" in table
 
 
 @pytest.mark.slow
@@ -129,8 +154,8 @@ def test_changed_data_retrains_from_scratch(repo):
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = _run(dvc + ["repro", "train_comae", "train_cmar", "train_cvit@cvit"], root, env).stdout
     for metrics, steps in (("reports/comae.json", TINY["comae"]["train"]["steps"]),
-                           ("metrics/cmar_train.json", TINY["cmar"]["train"]["steps"]),
-                           ("metrics/cvit_train_cvit.json", TINY["cvit"]["train"]["steps"])):
+                           ("reports/cmar_train.json", TINY["cmar"]["train"]["steps"]),
+                           ("reports/cvit_train_cvit.json", TINY["cvit"]["train"]["steps"])):
         m = json.loads((root / "data" / metrics).read_text())
         assert m["steps_this_run"] == steps, (metrics, m)
     assert out.count("starting over") == 3, out[-3000:]

@@ -259,8 +259,15 @@ class CoMAE(nn.Module):
             raise ComaeError(f"NaN/inf in the tokens of batch rows {bad.nonzero().flatten().tolist()}")
 
     def check_store(self, store: Any) -> None:
-        """Refuse a latent store whose grid or token dim is not this model's."""
-        check_store(store, self.grid, self.token_dim)
+        """Refuse a latent store (``.grid``, ``.dim``) this model cannot read, naming both sides,
+        before any work is done."""
+        if (store.grid, store.dim) != (self.grid, self.token_dim):
+            raise ComaeError(
+                f"latent store {getattr(store, 'path', store)} holds a {store.grid}x{store.grid} "
+                f"grid of {store.dim}-dim tokens, but this CoMAE is built for a {self.grid}x"
+                f"{self.grid} grid of {self.token_dim}-dim tokens. Retrain CoMAE on this store "
+                "(dvc repro train_comae) or use the latents it was trained on."
+            )
 
     # ------------------------------------------------------------------ f, noise, g
     def _kept(self, tokens: Tensor, img: Tensor, tgt: Tensor) -> Tensor:
@@ -403,30 +410,7 @@ def _call(module: nn.Module, frozen: bool, *args: Tensor) -> Tensor:
     return functional_call(module, params, args)
 
 
-# ----------------------------------------------------------------------------- store & files
-
-
-def check_store(store: Any, grid: int, token_dim: int) -> None:
-    """Refuse a latent store (``.grid``, ``.dim``) that a CoMAE of ``grid``/``token_dim`` cannot
-    read, naming both sides, before any work is done."""
-    if (store.grid, store.dim) != (grid, token_dim):
-        raise ComaeError(
-            f"latent store {getattr(store, 'path', store)} holds a {store.grid}x{store.grid} grid "
-            f"of {store.dim}-dim tokens, but this CoMAE is built for a {grid}x{grid} grid of "
-            f"{token_dim}-dim tokens. Retrain CoMAE on this store (dvc repro train_comae) or "
-            "use the latents it was trained on."
-        )
-
-
-def arch_mismatch(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    """Architecture fields (and grid/token dim) that differ between two config.json dicts."""
-    out = [f"{k}: {a.get(k)!r} != {b.get(k)!r}" for k in ("grid", "token_dim") if a.get(k) != b.get(k)]
-    ca, cb = a.get("comae", {}), b.get("comae", {})
-    return out + [f"comae.{k}: {ca.get(k)!r} != {cb.get(k)!r}" for k in ARCH_FIELDS
-                  if ca.get(k) != cb.get(k)]
-
-
 __all__ = [
-    "ARCH_FIELDS", "CoMAE", "ComaeError", "ResidualMLP", "arch_mismatch", "check_store",
-    "contrastive_loss", "mask_entropy", "noise_alpha", "reconstruction_loss",
+    "ARCH_FIELDS", "CoMAE", "ComaeError", "ResidualMLP", "budget_shift", "contrastive_loss",
+    "mask_entropy", "noise_alpha", "reconstruction_loss",
 ]

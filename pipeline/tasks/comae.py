@@ -20,10 +20,10 @@ from torch import Tensor, nn
 
 from pipeline.config import ComaeConfig
 from pipeline.models.comae import (
+    ARCH_FIELDS,
     FORMAT,
     CoMAE,
     ComaeError,
-    arch_mismatch,
     contrastive_loss,
     mask_entropy,
     reconstruction_loss,
@@ -115,7 +115,28 @@ class ComaeTask(TrainTask):
         return loss, metrics
 
 
+def build_comae(cfg: ComaeConfig, store: Any, seed: int, **extra: Any) -> ComaeTask:
+    """A freshly initialised CoMAE for ``store``'s grid and token dim, in its training task.
+
+    The initial weights are a function of ``seed`` (recorded with ``extra`` in the run's
+    config, so another seed is another run, not a resume).
+    """
+    torch.manual_seed(seed)
+    model = CoMAE(cfg, store.grid, store.dim)
+    model.check_store(store)
+    return ComaeTask(model, cfg, extra_config={"init_seed": seed, **extra})
+
+
 # ----------------------------------------------------------------------------- trained model
+
+
+def arch_mismatch(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Architecture fields (and grid/token dim) that differ between two config.json dicts."""
+    out = [f"{k}: {a.get(k)!r} != {b.get(k)!r}" for k in ("grid", "token_dim") if a.get(k) != b.get(k)]
+    ca, cb = a.get("comae", {}), b.get("comae", {})
+    return out + [f"comae.{k}: {ca.get(k)!r} != {cb.get(k)!r}" for k in ARCH_FIELDS
+                  if ca.get(k) != cb.get(k)]
+
 
 
 def comae_from_config(stored: dict[str, Any]) -> CoMAE:
@@ -171,4 +192,5 @@ def load_comae(path: str | Path, expect: ComaeConfig | None = None,
     return model.to(map_location).eval(), info
 
 
-__all__ = ["ComaeTask", "DECODER", "ENCODER", "comae_from_config", "load_comae"]
+__all__ = ["ComaeTask", "DECODER", "ENCODER", "arch_mismatch", "build_comae", "comae_from_config",
+           "load_comae"]
