@@ -155,8 +155,11 @@ def test_checkpoint_from_another_config_or_inputs_starts_over(tmp_path, capsys):
         assert len(line) == 1 and why in line[0], printed
     # the inputs are part of what the run saves
     assert json.loads((tmp_path / "config.json").read_text())["inputs"] == {"data": "b"}
+    trained = json.loads((tmp_path / "config.json").read_text())["final"]
     out, printed = fit(ToyTask(width=16), {"data": "b"}, lr=0.5)  # same again: nothing to do
     assert out["steps_this_run"] == 0 and "starting over" not in printed
+    # the no-op rerun reports the run that trained, not its own ~0 s
+    assert out["wall_time_s"] == trained["wall_time_s"] and out["loss"] == trained["loss"]
 
 
 def test_half_written_checkpoint_is_ignored(tmp_path):

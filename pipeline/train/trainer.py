@@ -314,11 +314,14 @@ class Trainer:
         ckpt = latest_checkpoint(self.ckpt_dir)
         if ckpt is None or ckpt.step != self.cfg.steps:
             raise RuntimeError(f"training ended at step {self.step} without a final checkpoint")
-        if not final:  # the run had already finished: report what it logged then
+        if not final:  # the run had already finished: report what it logged then, its
+            # wall time included (0 s of this no-op run would read as infinitely fast training)
             prev = self.out_dir / "config.json"
             final = dict(read_json(prev).get("final", {})) if prev.exists() else {"step": ckpt.step}
-        final = {**final, "train_steps": self.cfg.steps, "steps_this_run": self.cfg.steps - start,
-                 "wall_time_s": elapsed}
+            final.setdefault("wall_time_s", None)
+        else:
+            final["wall_time_s"] = elapsed  # of this run, which did steps_this_run steps
+        final = {**final, "train_steps": self.cfg.steps, "steps_this_run": self.cfg.steps - start}
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_weights(self.out_dir / "model.safetensors", model.state_dict())
