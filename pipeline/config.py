@@ -200,6 +200,8 @@ class OrdersConfig(Section):
     )
     save_matrix: bool = Field(False, description="store A (float16) in the shards")
     samples_per_shard: int = Field(256, ge=1)
+    report_images: int = Field(
+        4096, ge=1, description="images per split (evenly spaced) scored against the baselines")
 
 
 # ----------------------------------------------------------------------------- CViT

@@ -22,11 +22,10 @@ import torch
 from pipeline.config import load_params
 from pipeline.data.imageset import ImageSet
 from pipeline.latents.store import LatentStore
-from pipeline.metrics.objectness import compare, patch_labels
 from pipeline.metrics.selection import selection_report
 from pipeline.tasks.comae import load_comae
-from pipeline.orders import baselines
 from pipeline.orders.pagerank import pagerank_torch
+from pipeline.orders.report import score_table
 
 
 def scores_of(model, tokens: torch.Tensor, damping: float, batch: int = 16) -> np.ndarray:
@@ -62,17 +61,7 @@ def main() -> None:
     fixed = scores_of(model, tr_tok[sub], params.orders.damping).mean(0)
     coll = scores_of(model, va_tok, params.orders.damping)
     images = ImageSet(data / "images" / "val")
-    rows = [images.index_of(k) for k in val.keys]
-    grid = val.grid
-    labels = np.stack([patch_labels(images.mask(i), grid) for i in rows])
-    pixels = np.stack([images.image(i) for i in rows])
-    M, N = coll.shape
-    table = compare({
-        "collapse": coll, "random": baselines.random_scores(M, N),
-        "fixed": baselines.fixed_scores(M, fixed), "centre": baselines.centre_scores(M, grid),
-        "pixel_variance": baselines.pixel_variance_scores(pixels, grid),
-        "token_saliency": baselines.token_saliency_scores(va_tok.flatten(2).transpose(1, 2).numpy()),
-    }, labels)
+    table = score_table(coll, val.keys, images, val, fixed)["table"]
     res = {"overrides": args.overrides, "train_s": t_train, "selection": figs, "table": table,
            "comae": json.loads((out / "metrics" / "comae.json").read_text())}
     (out / "probe.json").write_text(json.dumps(res, indent=1))

@@ -15,7 +15,7 @@ from pipeline.config import Params, params_dict
 from pipeline.data.imageset import ImageSet
 from pipeline.latents.store import LatentStore
 from pipeline.orders.export import SplitResult, export_split
-from pipeline.orders.report import format_table, order_report, split_scores
+from pipeline.orders.report import format_table, mean_scores, order_report
 from pipeline.orders.shards import CollapseOrders
 from pipeline.orders.viz import show_orders
 from pipeline.tasks.comae import load_comae
@@ -65,13 +65,14 @@ def _finish(data_dir: Path, params: Params, results: dict[str, SplitResult]) -> 
     # Keys per second of this run's computed shards; with orders.flip = compute every key's
     # flipped latents go through CoMAE and PageRank too (twice the work per key).
     speed = imgs / secs if secs > 0 else None
-    fixed = split_scores(CollapseOrders(data_dir / "orders" / "train", verify=False)).mean(0)
+    fixed = mean_scores(CollapseOrders(data_dir / "orders" / "train", verify=False))
     reports = {}
     for split in SPLITS:
         orders = CollapseOrders(data_dir / "orders" / split, verify=False)
         images = ImageSet(data_dir / "images" / split)
         store = LatentStore(data_dir / "latents" / f"{split}.zarr", in_memory=True)
-        reports[split] = order_report(orders, images, store, fixed, seed=params.seed)
+        reports[split] = order_report(orders, images, store, fixed, seed=params.seed,
+                                      max_images=params.orders.report_images)
         if reports[split] is not None:
             print(format_table(reports[split], split), flush=True)
     atomic_write_json(data_dir / "reports" / "orders.json", {

@@ -39,14 +39,16 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
         if not info.is_main:
             return final
         probe, _ = load_comae(data_dir / "comae_probe")
-        val = LatentStore(data_dir / "latents" / "val.zarr", in_memory=True)
-        scores = precision_at_1(probe, val.tokens(np.arange(len(val))))
+        # held-out val grids when the split exists (the DVC route without val scores train)
+        split = "val" if (data_dir / "latents" / "val.zarr").exists() else "train"
+        grids = LatentStore(data_dir / "latents" / f"{split}.zarr", in_memory=True)
+        scores = precision_at_1(probe, grids.tokens(np.arange(len(grids))))
         # names of their own: `dvc exp show` prefixes a key two metrics files share with the
         # file's path, and train_comae's L_r is the one an experiment table shows
         metrics = {**scores, "probe_L_r": final.get("L_r"), "probe_steps": final.get("train_steps"),
                    "probe_wall_time_s": final.get("wall_time_s")}
         atomic_write_json(data_dir / "metrics" / "comae_probe.json", metrics)
-        print(f"[comae probe] copy-mechanism precision@1 {scores['precision_at_1']:.3f} "
+        print(f"[comae probe] copy-mechanism precision@1 on {split} {scores['precision_at_1']:.3f} "
               f"(chance {scores['chance']:.3f}; a position prior scores <= 0.5) after "
               f"{final.get('train_steps')} steps", flush=True)
         return metrics

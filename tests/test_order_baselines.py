@@ -104,3 +104,25 @@ def test_reference_predictors():
     seq = smooth.reshape(64, 3, 64).transpose(0, 2, 1)
     lin = linear_neighbour_l1(seq[:48], seq[48:], 8)
     assert lin < image_mean_l1(seq[48:])
+
+
+def test_report_keys_and_streaming_mean():
+    from pipeline.orders.report import mean_scores, report_keys
+
+    keys = [f"k{i:03d}" for i in range(100)]
+    assert report_keys(keys, 200) == keys
+    picked = report_keys(keys, 5)
+    assert len(picked) == 5 and picked[0] == "k000" and picked[-1] == "k099" and picked[2] == "k050"
+
+    class Orders:  # the reader's interface: keys, num_tokens, scores(key), len()
+        num_tokens = 4
+        keys = ["a", "b", "c"]
+        table = {"a": np.array([1.0, 0, 0, 0]), "b": np.array([0, 2.0, 0, 0]), "c": np.array([0, 0, 3.0, 3.0])}
+
+        def scores(self, k):
+            return self.table[k].astype(np.float32)
+
+        def __len__(self):
+            return 3
+
+    assert np.allclose(mean_scores(Orders()), [1 / 3, 2 / 3, 1.0, 1.0])

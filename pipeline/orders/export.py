@@ -194,6 +194,15 @@ def fields_for(cfg: OrdersConfig) -> list[str]:
     return f
 
 
+# Keys that shape only the stage's report, not a byte of the shards: left out of the
+# fingerprint and the manifest, so changing them never recomputes or re-identifies a set.
+REPORT_ONLY = ("report_images",)
+
+
+def shard_params(cfg: OrdersConfig) -> dict[str, Any]:
+    return {k: v for k, v in params_dict(cfg).items() if k not in REPORT_ONLY}
+
+
 def export_fingerprint(store: Any, comae_identity: Any, cfg: OrdersConfig, device: torch.device,
                        amp: torch.dtype) -> str:
     """Everything that decides the shard bytes; a change means rebuilding, not resuming.
@@ -205,7 +214,7 @@ def export_fingerprint(store: Any, comae_identity: Any, cfg: OrdersConfig, devic
     kernels = {"torch": torch.__version__,
                "cpu": torch.backends.cpu.get_cpu_capability() if device.type == "cpu" else None}
     return sha256_json({"format": FORMAT, "latents": store.identity, "comae": comae_identity,
-                        "params": params_dict(cfg), "device": device.type, "amp": str(amp),
+                        "params": shard_params(cfg), "device": device.type, "amp": str(amp),
                         "kernels": kernels})
 
 
@@ -313,7 +322,7 @@ def write_manifest(out: Path, store: Any, comae_identity: Any, cfg: OrdersConfig
         "classes": list(store.classes),
         "shards": shards,
         "identity": {"latents": ident, "tokenizer": ident.get("tokenizer"), "comae": comae_identity},
-        "params": params_dict(cfg),
+        "params": shard_params(cfg),
         "fingerprint": fp,
         "class_orders": class_meta,
     }

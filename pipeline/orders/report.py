@@ -9,7 +9,7 @@ the collapse order is a position prior).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -20,34 +20,55 @@ from pipeline.orders.pagerank import collapse_order, kendall_tau
 BASELINES = ("random", "fixed", "centre", "pixel_variance", "token_saliency")
 
 
-def split_scores(orders: Any) -> np.ndarray:
-    """Collapse scores of every key of a shard set, float64 [M, N] in key order."""
-    return np.stack([orders.scores(k) for k in orders.keys]).astype(np.float64)
+def mean_scores(orders: Any) -> np.ndarray:
+    """Mean collapse scores per position over every key of a shard set, float64 [N], one
+    image at a time (a full ImageNet split of scores would not fit in memory)."""
+    total = np.zeros(orders.num_tokens, np.float64)
+    for k in orders.keys:
+        total += orders.scores(k)
+    return total / max(len(orders), 1)
 
 
-def order_report(orders: Any, images: Any, store: Any, fixed: np.ndarray, seed: int = 0
-                 ) -> dict[str, Any] | None:
-    """Table ``{order name: {auc, auc_ci, top10, top25, top50, pos_auc}}`` plus specificity.
+def report_keys(keys: Sequence[str], max_images: int) -> list[str]:
+    """At most ``max_images`` keys, evenly spaced over the (class-sorted) key list."""
+    keys = list(keys)
+    if len(keys) <= max_images:
+        return keys
+    return [keys[i] for i in np.linspace(0, len(keys) - 1, max_images).round().astype(int)]
+
+
+def order_report(orders: Any, images: Any, store: Any, fixed: np.ndarray, seed: int = 0,
+                 max_images: int = 4096) -> dict[str, Any] | None:
+    """The collapse order of a shard set beside its baselines (see :func:`score_table`),
+    on at most ``max_images`` of its images (``orders.report_images``).
 
     ``orders``: a :class:`~pipeline.orders.shards.CollapseOrders`; ``images``: the split's
-    :class:`~pipeline.data.imageset.ImageSet` (None without masks: no report); ``store``: its
-    :class:`~pipeline.latents.store.LatentStore`; ``fixed``: the fixed order's scores [N]
+    :class:`~pipeline.data.imageset.ImageSet` (None or without masks: no report); ``store``:
+    its :class:`~pipeline.latents.store.LatentStore`; ``fixed``: the fixed order's scores [N]
     (the train split's mean collapse scores).
     """
     if images is None or not images.has_masks:
         return None
-    keys = list(orders.keys)
-    grid = orders.grid
+    keys = report_keys(orders.keys, max_images)
+    collapse = np.stack([orders.scores(k) for k in keys]).astype(np.float64)
+    return score_table(collapse, keys, images, store, fixed, seed)
+
+
+def score_table(collapse: np.ndarray, keys: Sequence[str], images: Any, store: Any,
+                fixed: np.ndarray, seed: int = 0) -> dict[str, Any] | None:
+    """Table ``{order name: {auc, auc_ci, top10, top25, top50, pos_auc}}`` plus specificity
+    for collapse scores ``[M, N]`` of ``keys``, whose masks and pixels come from ``images``
+    and tokens from ``store``; None when an image has no mask."""
     rows = [images.index_of(k) for k in keys]
     masks = [images.mask(i) for i in rows]
     if any(m is None for m in masks):
         return None
+    M, N = collapse.shape
+    grid = int(round(N ** 0.5))
     labels = np.stack([patch_labels(m, grid) for m in masks])
     pixels = np.stack([images.image(i) for i in rows])
-    srows = [store.keys.index(k) for k in keys] if list(store.keys) != keys else slice(None)
-    toks = store.tokens(np.arange(len(store))[srows]).flatten(2).transpose(1, 2).numpy()
-    collapse = split_scores(orders)
-    M, N = collapse.shape
+    row_of = {k: i for i, k in enumerate(store.keys)}
+    toks = store.tokens(np.asarray([row_of[k] for k in keys])).flatten(2).transpose(1, 2).numpy()
     named = {
         "collapse": collapse,
         "random": baselines.random_scores(M, N, seed),
@@ -77,4 +98,4 @@ def format_table(report: dict[str, Any], split: str) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["BASELINES", "format_table", "order_report", "split_scores"]
+__all__ = ["BASELINES", "format_table", "mean_scores", "order_report", "report_keys", "score_table"]
