@@ -91,7 +91,8 @@ def format_table(report: dict[str, Any], split: str) -> str:
              f"{report['area_share']:.1%}; mean Kendall tau to the fixed order "
              f"{report['specificity_tau']:.3f}):",
              f"  {'order':<16}{'object AUC':>16}{'top10%':>8}{'top25%':>8}{'top50%':>8}{'pos AUC':>9}"]
-    for name, r in report["table"].items():
+    table = report["table"]  # the collapse order first, whatever order a JSON round trip left
+    for name, r in sorted(table.items(), key=lambda kv: kv[0] != "collapse"):
         pos = "n/a" if r["pos_auc"] is None else f"{r['pos_auc']:.3f}"
         lines.append(f"  {name:<16}{r['auc']:>9.3f} ±{r['auc_ci']:.3f}{r['top10']:>8.3f}"
                      f"{r['top25']:>8.3f}{r['top50']:>8.3f}{pos:>9}")
