@@ -33,6 +33,9 @@ class SyntheticConfig(Section):
     num_classes: int = Field(6, ge=2, le=64)
     train_per_class: int = Field(64, ge=1)
     val_per_class: int = Field(16, ge=1)
+    pretrain_per_class: int = Field(
+        0, ge=0, description="images per class of the 'pretrain' split (judge, pretrain_vit, "
+        "pretrain_mar); 0: no such split, those stages learn from train")
     image_size: int = Field(64, ge=16)
     seed: int = 0
 
@@ -204,6 +207,21 @@ class OrdersConfig(Section):
         4096, ge=1, description="images per split (evenly spaced) scored against the baselines")
 
 
+# ----------------------------------------------------------------------------- judge
+
+
+class JudgeConfig(Section):
+    """The classifier of real images that scores samples and teaches pretrain_vit."""
+
+    width: int = Field(32, ge=8, description="channels at the stem (4x at the end)")
+    max_shift: int = Field(4, ge=0, description="random shift (px) in training")
+    roundtrip: float = Field(
+        0.5, ge=0, le=1, description="share of training images rendered by the tokenizer "
+        "(encode, decode) first, so the judge reads decoded samples as it reads images")
+    train: TrainConfig = TrainConfig(steps=1000, batch_size=64, lr=2e-3, warmup_frac=0.05,
+                                     betas=(0.9, 0.999), grad_clip=None, ckpt_every=250)
+
+
 # ----------------------------------------------------------------------------- CViT
 
 # The models of Tab. 5 (``train_cvit --variant``): full images, random drops, collapse drops.
@@ -304,6 +322,7 @@ class Params(Section):
     latents: LatentsConfig = LatentsConfig()
     comae: ComaeConfig = ComaeConfig()
     orders: OrdersConfig = OrdersConfig()
+    judge: JudgeConfig = JudgeConfig()
     cvit: CvitConfig = CvitConfig()
     cmar: CmarConfig = CmarConfig()
 

@@ -57,6 +57,8 @@ STAGES = (
           ("cop probe-comae", "cop probe-comae -S comae.probe_steps=2000")),
     Stage("export_orders", "Dependency matrices -> PageRank -> collapse-order shards (+ class orders, plots).",
           ("cop export-orders", "cop export-orders -S orders.flip=map -S orders.topk=16")),
+    Stage("train_judge", "Train the judge: a CNN classifier of real images that scores samples and "
+          "teaches pretrain_vit.", ("cop train-judge", "cop train-judge -S judge.roundtrip=0")),
     Stage("train_cvit", "Train one CViT variant (ViT on full images, RViT random drops, CViT collapse drops).",
           ("cop train-cvit --variant rvit", "torchrun --nproc-per-node 8 -m stages.train_cvit --variant cvit"),
           VARIANTS),

@@ -27,6 +27,7 @@ from pipeline.utils.dist import DistInfo, barrier, cleanup, init_distributed
 from pipeline.utils.io import atomic_write_json
 
 SPLITS = ("train", "val")
+OPTIONAL_SPLITS = ("pretrain",)  # encoded when prepare built them (the synthetic pretrain pool)
 
 
 def fit_indices(n: int, k: int) -> list[int]:
@@ -69,13 +70,14 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> None:
     data_dir = Path(data_dir)
     info = init_distributed()
     try:
-        sets = {s: ImageSet(data_dir / "images" / s) for s in SPLITS}
+        present = SPLITS + tuple(s for s in OPTIONAL_SPLITS if (data_dir / "images" / s).is_dir())
+        sets = {s: ImageSet(data_dir / "images" / s) for s in present}
         out_dir = data_dir / "latents"
         tok = _tokenizer(params.tokenizer, sets["train"], out_dir, info)
         results = {
             s: extract_latents(sets[s], tok, out_dir / f"{s}.zarr", params.latents,
                                params.tokenizer, desc=f"latents {s}").to_dict()
-            for s in SPLITS
+            for s in present
         }
         if info.is_main:
             _write_report(data_dir, params, tok, results, sets)

@@ -175,7 +175,8 @@ def prepare_split(split: str, cfg: DataConfig, out_dir: Path, fp: str, classes: 
     desc = f"prepare {split}"
     if cfg.source == "synthetic":
         syn = cfg.synthetic
-        per_class = syn.train_per_class if split == "train" else syn.val_per_class
+        per_class = {"train": syn.train_per_class, "val": syn.val_per_class,
+                     "pretrain": syn.pretrain_per_class}[split]
         classes = class_names(syn.num_classes)
         plan = Plan([Entry(k, c, f"{c}:{j}") for k, c, j in synthetic_keys(split, syn.num_classes, per_class)],
                     identity={"kind": "synthetic", "generator": "cop-synthetic/2", **syn.model_dump()})
@@ -271,6 +272,13 @@ def _split_metrics(split_dir: Path, index: dict[str, Any]) -> dict[str, Any]:
             "per_class": [per_class.get(i, 0) for i in range(len(index["classes"]))]}
 
 
+def splits(params: Params) -> tuple[str, ...]:
+    """The splits ``prepare`` builds: train and val, and the synthetic set's pretrain pool."""
+    syn = params.data.synthetic
+    extra = ("pretrain",) if params.data.source == "synthetic" and syn.pretrain_per_class else ()
+    return SPLITS + extra
+
+
 def prepare_images(params: Params, out_dir: str | Path = "data/images", info: DistInfo | None = None) -> dict[str, Any]:
     """Build ``out_dir/{train,val}``; return the metrics for ``data/metrics/prepare.json``."""
     out_dir = Path(out_dir)
@@ -282,7 +290,7 @@ def prepare_images(params: Params, out_dir: str | Path = "data/images", info: Di
     classes: list[str] | None = None
     metrics: dict[str, Any] = {"format": FORMAT, "source": cfg.source, "crop_size": cfg.crop_size,
                                "fingerprint": fp, "splits": {}}
-    for split in SPLITS:
+    for split in splits(params):
         index = prepare_split(split, cfg, out_dir, fp, classes, info)
         classes = index["classes"]
         metrics["splits"][split] = _split_metrics(out_dir / split, index)

@@ -285,3 +285,12 @@ class ImageSet:
             self.close()
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
+
+
+def pretrain_split(root: str | Path, suffix: str = "") -> Path:
+    """``root/pretrain<suffix>`` when ``prepare`` built the pretrain pool (the synthetic set's
+    ``pretrain_per_class``), else ``root/train<suffix>``: what the pretraining stages learn
+    from. Works for the image set (``data/images``) and the latents (``suffix=".zarr"``)."""
+    root = Path(root)
+    pool = root / f"pretrain{suffix}"
+    return pool if pool.exists() else root / f"train{suffix}"

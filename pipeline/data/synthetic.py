@@ -26,7 +26,10 @@ from PIL import Image
 
 SHAPES = ("star", "ring", "cross", "triangle", "heart", "crescent", "hexagon", "arrow")
 TEXTURES = ("stripes", "checker", "dots", "rings", "spokes", "waves", "grid", "solid")
-SPLIT_IDS = {"train": 0, "val": 1}
+# "pretrain": a pool the pretraining stages (judge, pretrain_vit, pretrain_mar) learn from,
+# drawn independently of train and val, so the models fine-tuned on train start from weights
+# that never saw a train or val image.
+SPLIT_IDS = {"train": 0, "val": 1, "pretrain": 2}
 MAX_CLASSES = len(SHAPES) * len(TEXTURES)
 
 

@@ -19,7 +19,7 @@ from pipeline.tokenizers.kl16 import CheckpointError, KL16Tokenizer
 from pipeline.tokenizers.patch import PatchTokenizer
 
 __all__ = ["Tokenizer", "KL16Tokenizer", "PatchTokenizer", "CheckpointError", "LATENTS_TOKENIZER_DIR",
-           "build_tokenizer", "decode_to_images", "latents_tokenizer", "load_tokenizer",
+           "build_tokenizer", "decode_to_images", "roundtrip_images", "latents_tokenizer", "load_tokenizer",
            "state_dict_sha256"]
 
 # The fitted stand-in is saved beside the latents it made (data/latents/tokenizer/).
@@ -94,3 +94,13 @@ def decode_to_images(tokenizer: Tokenizer, grids: torch.Tensor, scale_factor: fl
         x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         out.append(x.permute(0, 2, 3, 1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 1, 1, 3), np.uint8)
+
+
+def roundtrip_images(tokenizer: Tokenizer, x: torch.Tensor) -> torch.Tensor:
+    """Images x [B, 3, H, W] in [-1, 1] as the tokenizer renders them: encoded to the
+    posterior mean, decoded and quantised to uint8 levels as :func:`decode_to_images` does.
+    Returns an ordinary tensor (usable in autograd) on x's device."""
+    z = tokenizer.encode_moments(x.to(tokenizer.device))[:, :tokenizer.dim]
+    y = tokenizer.decode(z)
+    y = ((y.float().clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
+    return y.clone().to(x.device)  # clone: leave inference mode's tensor behind

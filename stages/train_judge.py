@@ -1,0 +1,86 @@
+"""Stage ``train_judge``: train the judge, a CNN classifier of real images -> ``data/judge/``.
+
+It learns from the pretrain pool (``data/images/pretrain``; ``train`` when there is none),
+part of each batch rendered by the tokenizer (``judge.roundtrip``), and is scored on val:
+raw images and as the tokenizer renders them (the ceiling of any generator's class
+consistency under this tokenizer). The judge scores CMAR's samples (``eval_cmar``) and is
+the teacher ``pretrain_vit`` distils from. Writes ``data/judge/{model.safetensors,
+config.json}``, ``data/plots/judge_train.csv``, the full record ``data/reports/judge.json``
+and the headline ``data/metrics/judge.json``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.config import Params
+from pipeline.data.imageset import ImageSet, pretrain_split
+from pipeline.models.judge import ConvJudge, JudgeArch
+from pipeline.models.layers import count_params
+from pipeline.tasks.judge import ImageLabelDataset, JudgeTask, judge_outputs, load_judge
+from pipeline.tokenizers import latents_tokenizer, roundtrip_images
+from pipeline.train.trainer import Trainer
+from pipeline.utils.dist import cleanup, init_distributed
+from pipeline.utils.io import atomic_write_json
+
+HEADLINE = ("val_acc", "val_acc_roundtrip", "train_images", "train_steps", "wall_time_s")
+
+
+def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
+    data_dir = Path(data_dir)
+    cfg = params.judge
+    info = init_distributed()
+    try:
+        images = ImageSet(pretrain_split(data_dir / "images"))
+        val = ImageSet(data_dir / "images" / "val")
+        tokenizer = latents_tokenizer(params.tokenizer, data_dir / "latents")
+        torch.manual_seed(params.seed)
+        model = ConvJudge(JudgeArch(len(images.classes), cfg.width))
+        if info.world > 1:  # batch statistics of the global batch, as with one process
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        task = JudgeTask(model, cfg.max_shift, cfg.roundtrip, tokenizer,
+                         extra_config={"init_seed": params.seed,
+                                       "tokenizer": tokenizer.identity()})
+        out_dir = data_dir / "judge"
+        report = {"params": count_params(model), "train_split": images.path.name,
+                  "train_images": len(images)}
+        trainer = Trainer(task, ImageLabelDataset(images), cfg.train, out_dir,
+                          inputs={"images": images.identity}, report=report,
+                          log_csv=data_dir / "plots" / "judge_train.csv",
+                          metrics_json=data_dir / "reports" / "judge.json", desc="judge")
+        final = trainer.fit()
+        if not info.is_main:
+            return final
+        judge, _ = load_judge(out_dir)
+        scores = evaluate(judge, val, tokenizer)
+        metrics = {**report, **final, **scores}
+        atomic_write_json(data_dir / "reports" / "judge.json", metrics)
+        atomic_write_json(data_dir / "metrics" / "judge.json", {k: metrics.get(k) for k in HEADLINE})
+        print(f"[judge] val accuracy {scores['val_acc']:.3f} on images, "
+              f"{scores['val_acc_roundtrip']:.3f} as the tokenizer renders them "
+              f"({len(val)} images, chance {1 / len(val.classes):.3f}) -> {out_dir}", flush=True)
+        return metrics
+    finally:
+        cleanup()
+
+
+def evaluate(judge: ConvJudge, val: ImageSet, tokenizer: Any, batch: int = 256) -> dict[str, Any]:
+    """Top-1 on val images, raw and rendered by the tokenizer (encode, decode)."""
+    raw = np.stack([val.image(i) for i in range(len(val))])
+    x = torch.from_numpy(raw).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    rendered = torch.cat([roundtrip_images(tokenizer, x[s:s + batch]) for s in range(0, len(x), batch)])
+    rendered_u8 = ((rendered + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+    labels = np.asarray(val.labels)
+    acc = {name: float((judge_outputs(judge, imgs)[1].argmax(1) == labels).mean())
+           for name, imgs in (("val_acc", raw), ("val_acc_roundtrip", rendered_u8))}
+    return {**acc, "val_images": len(val)}
+
+
+if __name__ == "__main__":
+    from stages.cli import stage_entry
+
+    stage_entry("train-judge")
