@@ -298,6 +298,10 @@ class CmarConfig(Section):
     reference_batch: str | None = Field(
         None, description="ADM reference batch .npz (VIRTUAL_imagenet256_labeled.npz)")
     train: TrainConfig = TrainConfig(steps=300, batch_size=32, lr=1e-3, ema=0.999, ckpt_every=100)
+    pretrain: TrainConfig = Field(
+        TrainConfig(steps=3000, batch_size=32, lr=1e-3, ckpt_every=500),
+        description="pretrain_mar: MAR in random order on the pretrain pool, the start of "
+        "every train_cmar variant (unused when cmar.pretrained is set)")
 
     @model_validator(mode="after")
     def _cmar_checks(self) -> "CmarConfig":

@@ -64,8 +64,12 @@ STAGES = (
           VARIANTS),
     Stage("eval_cvit", "Accuracy vs mask ratio for ViT, ViT+C, RViT, CViT (Tab. 5, Fig. 8).",
           ("cop eval-cvit", "cop eval-cvit -S cvit.eval_batch_size=256")),
-    Stage("train_cmar", "Fine-tune MAR in collapse order (or train the small default from scratch).",
-          ("cop train-cmar", "cop train-cmar -S cmar.order=random   # the MAR baseline")),
+    Stage("pretrain_mar", "Train MAR in random order on the pretrain pool: the start of every "
+          "train_cmar variant.", ("cop pretrain-mar", "cop pretrain-mar -S cmar.pretrain.steps=6000")),
+    Stage("train_cmar", "Fine-tune MAR from pretrain_mar: cmar (collapse order), mar (random order, "
+          "the baseline), cmar_asc (ascending collapse order).",
+          ("cop train-cmar --variant mar", "torchrun --nproc-per-node 8 -m stages.train_cmar --variant cmar"),
+          ("mar", "cmar_asc", "cmar")),
     Stage("eval_cmar", "Sample from (C)MAR in the configured order and score the samples.",
           ("cop eval-cmar", "cop eval-cmar -S cmar.cfg=1.5 -S cmar.num_iter=64")),
     Stage("report", "Write data/report.html: metrics tables, orders vs baselines, curves, order "
@@ -124,7 +128,7 @@ def _add_stage_command(stage: Stage) -> None:
         choice = enum.Enum(f"{stage.name}_variant", {v: v for v in stage.variants}, type=str)
 
         def command(
-            variant: Annotated[choice, typer.Option(help="which model of Tab. 5 to train")
+            variant: Annotated[choice, typer.Option(help="which model to train")
                                ] = choice(stage.variants[-1]),
             params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
         ) -> None:

@@ -1,4 +1,9 @@
-"""Stage ``train_cmar``: (fine-)train MAR in collapse order -> ``data/cmar/``.
+"""Stage ``train_cmar`` (foreach cmar, mar, cmar_asc): fine-tune MAR -> ``data/cmar/<variant>/``.
+
+Variants (:data:`pipeline.tasks.cmar.CMAR_VARIANTS`), each from the same ``pretrain_mar``
+weights for the same ``cmar.train.steps``: ``cmar`` in collapse order (``cmar.order`` /
+``cmar.direction``: descending, the paper's CMAR), ``mar`` in random order (the baseline),
+``cmar_asc`` in ascending collapse order (Tab. 4).
 
 Inputs: the train latents (``data/latents/train.zarr``) joined with their collapse orders
 (``data/orders/train``, the flipped orders included). With ``cmar.pretrained`` (MAR's
@@ -18,7 +23,7 @@ from pathlib import Path
 from pipeline.config import Params
 from pipeline.latents.store import LatentStore
 from pipeline.orders.shards import CollapseOrders, OrderedTokenDataset
-from pipeline.tasks.cmar import CmarDataset, CmarTask, build_cmar
+from pipeline.tasks.cmar import CMAR_VARIANTS, CmarDataset, CmarTask, build_cmar, variant_config
 from pipeline.train.trainer import Trainer
 from pipeline.utils.dist import cleanup, init_distributed
 from pipeline.utils.io import atomic_write_json
@@ -27,9 +32,9 @@ from pipeline.utils.io import atomic_write_json
 HEADLINE = ("loss", "train_steps", "wall_time_s", "items_per_s")
 
 
-def run(params: Params, data_dir: Path | str = Path("data")) -> None:
+def run(params: Params, variant: str = "cmar", data_dir: Path | str = Path("data")) -> None:
     data_dir = Path(data_dir)
-    cfg = params.cmar
+    cfg = variant_config(params.cmar, variant)
     info = init_distributed()
     try:
         store = LatentStore(data_dir / "latents" / "train.zarr", in_memory=True)
@@ -39,24 +44,25 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> None:
         if cfg.sample_order == "class" and orders.class_orders is None:
             raise ValueError(f"{orders.path} has no class-level orders; eval needs them for "
                              "cmar.sample_order=class")
-        model, pre = build_cmar(cfg, store)
+        model, pre = build_cmar(cfg, store, init=None if cfg.pretrained else data_dir / "pretrain_mar")
         if orders.grid != model.grid:
             raise ValueError(f"orders are for a {orders.grid}x{orders.grid} grid, the model has "
                              f"{model.grid}x{model.grid}")
         task = CmarTask(model, cfg, store.scale_factor,
                         extra_config={"pretrained_sha256": pre.get("pretrained_sha256")})
         dataset = CmarDataset(ordered, with_moments=cfg.posterior_sample)
-        out_dir = data_dir / "cmar"
+        out_dir = data_dir / "cmar" / variant
         trainer = Trainer(task, dataset, cfg.train, out_dir,
                           inputs={"latents": store.identity, "orders": orders.identity},
-                          log_csv=data_dir / "plots" / "cmar_train.csv",
-                          metrics_json=data_dir / "reports" / "cmar_train.json", desc="cmar")
+                          log_csv=out_dir / "train_log.csv",
+                          metrics_json=data_dir / "reports" / f"cmar_train_{variant}.json",
+                          desc=f"cmar[{variant}]")
         final = trainer.fit()
         if info.is_main:
             atomic_write_json(out_dir / "pretrained.json", pre)
-            atomic_write_json(data_dir / "metrics" / "cmar_train.json",
+            atomic_write_json(data_dir / "metrics" / f"cmar_train_{variant}.json",
                               {k: final.get(k) for k in HEADLINE})
-            print(f"[cmar] loss {final.get('loss', float('nan')):.4f} after {final.get('train_steps')} steps "
+            print(f"[cmar] {variant}: loss {final.get('loss', float('nan')):.4f} after {final.get('train_steps')} steps "
                   f"-> {out_dir}", flush=True)
     finally:
         cleanup()

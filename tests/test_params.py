@@ -52,7 +52,7 @@ def test_train_cmar_tracks_exactly_the_training_keys():
     # sampling/eval key does (eval_cmar re-runs alone for Tab. 3's CFG sweep).
     from pipeline.tasks.cmar import train_config
 
-    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train_cmar"]
+    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train_cmar"]["do"]  # foreach variant
     training = {f"cmar.{k}" for k in train_config(load_params(REPO / "params.yaml").cmar)}
     assert set(stage["params"]) == {"seed", "cmar.train"} | training
 

@@ -23,7 +23,7 @@ TINY = {
     "seed": 0,
     "data": {"source": "synthetic", "crop_size": 32,
              "synthetic": {"num_classes": 3, "train_per_class": 8, "val_per_class": 4,
-                           "image_size": 32}},
+                           "pretrain_per_class": 8, "image_size": 32}},
     "tokenizer": {"kind": "patch", "patch_size": 8, "dim": 8, "fit_images": 24,
                   "batch_size": 8, "precision": "fp32"},
     "latents": {"rows_per_chunk": 8, "rows_per_shard": 16},
@@ -37,11 +37,13 @@ TINY = {
              "eval_batch_size": 8,
              "train": {"steps": 4, "batch_size": 4, "ckpt_every": 2, "log_every": 2,
                        "precision": "fp32"}},
+    "judge": {"width": 8, "train": {"steps": 4, "batch_size": 8, "ckpt_every": 2, "log_every": 2}},
     "cmar": {"enc_dim": 16, "enc_depth": 1, "enc_heads": 2, "dec_dim": 16, "dec_depth": 1,
              "dec_heads": 2, "buffer_size": 2, "diffloss_d": 1, "diffloss_w": 16,
              "num_iter": 4, "num_sampling_steps": "5", "samples_per_class": 2,
              "train": {"steps": 4, "batch_size": 4, "ckpt_every": 2, "log_every": 2,
-                       "precision": "fp32", "ema": 0.9}},
+                       "precision": "fp32", "ema": 0.9},
+             "pretrain": {"steps": 4, "batch_size": 4, "ckpt_every": 2, "log_every": 2}},
 }
 
 
@@ -112,7 +114,7 @@ def test_dvc_repro_and_experiments(repo):
         m = json.loads(path.read_text())
         assert len(m) <= 14 and not any(isinstance(v, (dict, list)) for v in m.values()), path.name
     for name in ("prepare", "extract_latents", "comae", "orders", "cvit_train_cvit", "cvit",
-                 "cmar_train", "cmar"):
+                 "judge", "pretrain_mar", "cmar_train_cmar", "cmar_train_mar", "cmar"):
         assert (root / "data/reports" / f"{name}.json").exists(), name
     # Every plot DVC draws is one dvc.yaml declares (x and y given), or an image.
     plots = json.loads(_run(dvc + ["plots", "show", "--json"], root, env).stdout)["data"]
@@ -148,13 +150,13 @@ def test_changed_data_retrains_from_scratch(repo):
     that ``persist: true`` keeps in data/comae, data/cmar, data/cvit/<v> (it once did 0 steps)."""
     root, env = repo
     dvc = [sys.executable, "-m", "dvc"]
-    _run(dvc + ["repro", "train_comae", "train_cmar", "train_cvit@cvit"], root, env)  # up to date
+    _run(dvc + ["repro", "train_comae", "train_cmar@cmar", "train_cvit@cvit"], root, env)  # up to date
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["data"]["synthetic"]["seed"] += 1  # other images, same shapes and sizes
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    out = _run(dvc + ["repro", "train_comae", "train_cmar", "train_cvit@cvit"], root, env).stdout
+    out = _run(dvc + ["repro", "train_comae", "train_cmar@cmar", "train_cvit@cvit"], root, env).stdout
     for metrics, steps in (("reports/comae.json", TINY["comae"]["train"]["steps"]),
-                           ("reports/cmar_train.json", TINY["cmar"]["train"]["steps"]),
+                           ("reports/cmar_train_cmar.json", TINY["cmar"]["train"]["steps"]),
                            ("reports/cvit_train_cvit.json", TINY["cvit"]["train"]["steps"])):
         m = json.loads((root / "data" / metrics).read_text())
         assert m["steps_this_run"] == steps, (metrics, m)

@@ -88,7 +88,7 @@ def test_report_is_self_contained_and_has_the_baseline_table(data: Path) -> None
     # what is missing says so instead of failing
     assert "data/plots/cmar_samples.png: not produced" in text
     assert "data/metrics/cmar.json: not produced" in text
-    assert "CMAR training loss (data/plots/cmar_train.csv): not produced" in text
+    assert "MAR pretraining loss (random order) (data/plots/pretrain_mar_train.csv): not produced" in text
 
 
 def test_report_of_an_empty_folder_says_not_produced(tmp_path: Path) -> None:

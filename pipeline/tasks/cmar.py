@@ -43,6 +43,21 @@ EVAL_ONLY_KEYS = ("sample_order", "num_iter", "num_sampling_steps", "cfg", "cfg_
                   "eval_reference_images")
 
 
+# The models of the CMAR comparisons (Tab. 2, 4), fine-tuned alike from pretrain_mar:
+# "cmar" uses cmar.order / cmar.direction as given (collapse, descending: the paper's CMAR);
+# "mar" the same steps in random order (the MAR baseline); "cmar_asc" the reverse direction.
+CMAR_VARIANTS: dict[str, dict[str, str]] = {
+    "cmar": {}, "mar": {"order": "random"}, "cmar_asc": {"direction": "ascending"},
+}
+
+
+def variant_config(cfg: CmarConfig, variant: str) -> CmarConfig:
+    """The ``cmar`` params with the variant's order settings."""
+    if variant not in CMAR_VARIANTS:
+        raise ValueError(f"unknown CMAR variant {variant!r} (choose from {', '.join(CMAR_VARIANTS)})")
+    return cfg.model_copy(update=CMAR_VARIANTS[variant])
+
+
 def to_mar_orders(collapse: Tensor, direction: str) -> Tensor:
     """Collapse orders [B, N] (rank 0 first) -> MAR orders (masked head, revealed tail)."""
     if direction == "descending":
@@ -72,11 +87,12 @@ def build_mar(cfg: CmarConfig, grid: int, token_dim: int, num_classes: int) -> M
                num_sampling_steps=cfg.num_sampling_steps, diffusion_batch_mul=cfg.diffusion_batch_mul)
 
 
-def build_cmar(cfg: CmarConfig, store: Any) -> tuple[MAR, dict[str, Any]]:
+def build_cmar(cfg: CmarConfig, store: Any, init: str | Path | None = None) -> tuple[MAR, dict[str, Any]]:
     """The model to train on ``store``; a MAR checkpoint, if given, is loaded before any training.
 
     MAR's released models embed 1000 classes whatever the data set; a pretrained checkpoint
-    keeps its class count so its ``class_emb`` loads (labels must still be < 1000).
+    keeps its class count so its ``class_emb`` loads (labels must still be < 1000). Without
+    one, ``init`` (the ``pretrain_mar`` run, when given) supplies the starting weights.
     """
     info: dict[str, Any] = {"pretrained": None}
     num_classes = len(store.classes)
@@ -92,6 +108,15 @@ def build_cmar(cfg: CmarConfig, store: Any) -> tuple[MAR, dict[str, Any]]:
         missing = load_mar_checkpoint(model, cfg.pretrained, cfg.pretrained_key, cfg.allow_missing_keys)
         info = {"pretrained": str(cfg.pretrained), "pretrained_sha256": sha256_file(cfg.pretrained),
                 "pretrained_key": cfg.pretrained_key, "missing_keys": missing}
+    elif init is not None:
+        run = load_run(init)
+        if run.task.get("grid") != store.grid or run.task.get("num_classes") != num_classes:
+            raise ValueError(f"{init} holds a MAR for a {run.task.get('grid')}x grid of "
+                             f"{run.task.get('num_classes')} classes; the data: {store.grid}x, "
+                             f"{num_classes} (re-run pretrain_mar)")
+        load_mar_state(model, run.state, allow_missing=False)
+        info = {"pretrained": str(init), "pretrained_sha256": sha256_file(run.weights),
+                "pretrained_key": run.weights.name, "missing_keys": []}
     return model, info
 
 
@@ -111,8 +136,8 @@ def load_cmar(model_dir: str | Path, cfg: CmarConfig) -> tuple[MAR, dict[str, An
 
 
 class CmarDataset(torch.utils.data.Dataset):
-    """Items of ``OrderedTokenDataset`` (tokens, tokens_flip, order, order_flip, label, index)
-    plus the unscaled posterior ``moments``/``moments_flip`` [2·dim, h, w] when asked for."""
+    """Items of ``OrderedTokenDataset`` (tokens, tokens_flip, order, order_flip, label, index),
+    or of ``TokenGridDataset`` (no orders: ``pretrain_mar`` draws random ones), plus the unscaled posterior ``moments``/``moments_flip`` [2·dim, h, w] when asked for."""
 
     def __init__(self, ordered: Any, with_moments: bool) -> None:
         self.ordered = ordered
@@ -124,8 +149,9 @@ class CmarDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         item = dict(self.ordered[i])
-        item["order"] = np.asarray(item["order"], dtype=np.int64)
-        item["order_flip"] = np.asarray(item["order_flip"], dtype=np.int64)
+        for k in ("order", "order_flip"):  # absent for the pretrain pool (random orders only)
+            if k in item:
+                item[k] = np.asarray(item[k], dtype=np.int64)
         if self.with_moments:
             item["moments"] = self.store.moments([i], False)[0]
             item["moments_flip"] = self.store.moments([i], True)[0]
@@ -244,5 +270,5 @@ def generate(model: MAR, labels: np.ndarray, orders: Tensor, num_iter: int, cfg:
     return torch.cat(out) if out else torch.zeros(0, model.token_embed_dim, model.grid, model.grid)
 
 
-__all__ = ["CmarDataset", "CmarTask", "EVAL_ONLY_KEYS", "build_cmar", "build_mar", "generate", "load_cmar",
+__all__ = ["CMAR_VARIANTS", "CmarDataset", "CmarTask", "EVAL_ONLY_KEYS", "variant_config", "build_cmar", "build_mar", "generate", "load_cmar",
            "sampling_orders", "to_mar_orders", "train_config"]

@@ -1,12 +1,8 @@
 """CMAR evaluation: what ``eval_cmar`` checks before sampling, writes, and measures.
 
-Metrics of generated images (uint8 [n, H, W, 3], ``labels`` the classes they were
-conditioned on):
-- always, without downloads, in the feature space of the project's CViT "vit" variant
-  (pre-logit [cls] features) against real val images: ``frechet_cvit_distance`` (a Fréchet
-  distance, NOT an FID), ``cvit_precision`` / ``cvit_recall`` (k-NN manifolds, k = 3) and
-  ``cvit_accuracy`` (does the classifier find the conditioning class; ``cvit_accuracy_real``
-  is its val accuracy, the ceiling);
+Rows: :data:`COMPARISONS` (which model, sampled in which order); each is scored, like the
+controls, in the judge's feature space by :func:`pipeline.metrics.generation.score_images`.
+Also:
 - with ``cmar.inception_weights`` (the FID Inception): ``fid`` and ``is_mean``/``is_std``,
   against ``cmar.reference_batch`` (ADM's .npz: its mu/sigma for FID, its images for
   ``precision``/``recall``), else against the real val images (then named ``fid_val``).
@@ -24,11 +20,21 @@ from pipeline.config import CmarConfig
 from pipeline.metrics.fid import (feature_stats, frechet_distance, inception_features,
                                   inception_score, precision_recall, read_reference_batch)
 from pipeline.models.mar import MAR
-from pipeline.models.vit import VisionTransformer
-from pipeline.tasks.cvit_eval import vit_features
-from pipeline.utils.images import image_grid, safe_name, save_png
+from pipeline.tasks.cmar import generate, sampling_orders
+from pipeline.tokenizers import decode_to_images
+from pipeline.utils.images import image_grid
+from pipeline.utils.io import atomic_path
 
-GRID_COLS = 8
+# (row, trained variant, sample order): Tab. 2 (CMAR vs MAR, MAR+C), the order at sampling,
+# Tab. 4 (ascending).
+COMPARISONS: tuple[tuple[str, str, str], ...] = (
+    ("CMAR, class order", "cmar", "class"),
+    ("CMAR, a training image's order", "cmar", "train_image"),
+    ("CMAR, random order", "cmar", "random"),
+    ("MAR, random order", "mar", "random"),
+    ("MAR, class order (MAR+C)", "mar", "class"),
+    ("CMAR ascending, class order", "cmar_asc", "class"),
+)
 
 
 def check_eval_inputs(cfg: CmarConfig, model: MAR, classes: list[str], orders: Any) -> None:
@@ -38,7 +44,7 @@ def check_eval_inputs(cfg: CmarConfig, model: MAR, classes: list[str], orders: A
     if orders.grid != model.grid:
         raise ValueError(f"orders are for a {orders.grid}x{orders.grid} grid, the model has "
                          f"{model.grid}x{model.grid}")
-    if cfg.sample_order == "class" and orders.class_orders is None:
+    if orders.class_orders is None:
         raise ValueError(f"{orders.path} has no class-level orders (class_orders.npy)")
     if cfg.num_iter > model.seq_len:
         raise ValueError(f"cmar.num_iter={cfg.num_iter} exceeds the {model.seq_len} tokens of a "
@@ -49,40 +55,87 @@ def check_eval_inputs(cfg: CmarConfig, model: MAR, classes: list[str], orders: A
         raise FileNotFoundError(f"cmar.reference_batch {cfg.reference_batch} not found")
 
 
-def write_samples(out_dir: Path, overview: Path, images: np.ndarray, labels: np.ndarray,
-                  classes: list[str], per_class: int) -> None:
-    """``out_dir/<c>_<name>/NNNN.png``, one grid per class, and an all-class grid ``overview``."""
-    for c, name in enumerate(classes):
-        sel = images[labels == c]
-        for j, img in enumerate(sel):
-            save_png(out_dir / f"{c:03d}_{safe_name(name)}" / f"{j:04d}.png", img)
-        save_png(out_dir / f"grid_{c:03d}_{safe_name(name)}.png", image_grid(sel, GRID_COLS))
-    cols = min(GRID_COLS, per_class)
-    save_png(overview, image_grid(np.concatenate([images[labels == c][:cols]
-                                                  for c in range(len(classes))]), cols))
+def split_val(labels: np.ndarray, num_classes: int, per_class: int) -> tuple[np.ndarray, np.ndarray]:
+    """Val rows -> (reference rows, control rows): within each class, alternate rows go to
+    the reference (the set distances are measured to) and to the controls, of which the
+    first ``per_class`` are scored, so a control row never contains a reference image."""
+    ref, ctl = [], []
+    for c in range(num_classes):
+        rows = np.flatnonzero(labels == c)
+        ref.append(rows[0::2])
+        take = rows[1::2][:per_class]
+        if len(take) < per_class:
+            raise ValueError(f"class {c} has {len(rows)} val images; the controls need "
+                             f"2 x cmar.samples_per_class = {2 * per_class}")
+        ctl.append(take)
+    return np.concatenate(ref), np.concatenate(ctl)
 
 
-def reference_rows(n: int, limit: int | None) -> np.ndarray:
-    """Val rows used as the real reference: all, or ``limit`` spread evenly over the classes."""
-    k = n if limit is None else min(n, limit)
-    return np.linspace(0, n - 1, k).round().astype(int) if k else np.zeros(0, int)
+def sample_row(model: MAR, cfg: CmarConfig, direction: str, order: str, labels: np.ndarray,
+               orders: Any, tokenizer: Any, scale_factor: float, seed: int,
+               device: torch.device) -> np.ndarray:
+    """uint8 samples [n, H, W, 3] of ``labels`` generated in ``order`` (one seeded stream per
+    row, so rows do not depend on which others run)."""
+    gen = torch.Generator().manual_seed(seed)
+    mar_orders = sampling_orders(order, labels, model.seq_len, direction, gen,
+                                 class_orders=orders.class_orders, train_labels=orders.labels,
+                                 train_order=orders.order)
+    grids = generate(model, labels, mar_orders, cfg.num_iter, cfg.cfg, cfg.cfg_schedule,
+                     cfg.temperature, gen, cfg.eval_batch_size)
+    return decode_to_images(tokenizer, grids, scale_factor, cfg.eval_batch_size, device)
 
 
-def cvit_space_metrics(cfg: CmarConfig, images: np.ndarray, labels: np.ndarray, real: np.ndarray,
-                       real_labels: np.ndarray, vit: VisionTransformer) -> dict[str, Any]:
-    """Generated ``images`` against ``real`` ones in the CViT's feature space (no downloads)."""
-    f_fake, lg_fake = vit_features(vit, images, cfg.eval_batch_size)
-    f_real, lg_real = vit_features(vit, real, cfg.eval_batch_size)
-    precision, recall = precision_recall(f_real, f_fake, k=3)
-    return {
-        "frechet_cvit_distance": frechet_distance(*feature_stats(f_real), *feature_stats(f_fake)),
-        "cvit_precision": precision,
-        "cvit_recall": recall,
-        "cvit_accuracy": float((lg_fake.argmax(1) == labels).mean()),
-        "cvit_accuracy_real": float((lg_real.argmax(1) == real_labels).mean()),
-        "num_samples": int(len(images)),
-        "num_reference": int(len(real)),
-    }
+HEADLINE_KEYS = ("judge_acc", "fd", "neighbour_corr")
+SHORT = {"real val images": "real", "real val latents, decoded": "decoded",
+         "real val tokens, shuffled": "shuffled"}
+
+
+def headline(rows: dict[str, dict[str, Any]], head: str) -> dict[str, Any]:
+    """Flat figures for `dvc metrics show`: the headline CMAR row, MAR in random order and
+    the three controls, three figures each."""
+    picks = {"CMAR": rows[head], "MAR": rows["MAR, random order"],
+             **{SHORT[k]: rows[k] for k in SHORT if k in rows}}
+    return {f"{key}_{name}": r[key] for name, r in picks.items() for key in HEADLINE_KEYS}
+
+
+def format_rows(rows: dict[str, dict[str, Any]], chance: float) -> str:
+    lines = [f"{'row':34s} {'judge acc [95% CI]':>24s} {'FD [95% CI]':>24s} {'prec':>5s} {'rec':>5s} "
+             f"{'nbr corr [95% CI]':>22s}"]
+    for name, r in rows.items():
+        a, f, c = r["judge_acc_ci"], r["fd_ci"], r["neighbour_corr_ci"]
+        lines.append(f"{name:34s} {r['judge_acc']:6.3f} [{a[0]:.3f}, {a[1]:.3f}]   "
+                     f"{r['fd']:7.2f} [{f[0]:.2f}, {f[1]:.2f}]  {r['precision']:5.2f} {r['recall']:5.2f} "
+                     f"{r['neighbour_corr']:6.3f} [{c[0]:.3f}, {c[1]:.3f}]")
+    lines.append(f"(judge accuracy by chance: {chance:.3f}; FD to the reference half of val)")
+    return "\n".join(lines)
+
+
+def plot_samples(path: Path, real: np.ndarray, real_labels: np.ndarray, samples: dict[str, np.ndarray],
+                 labels: np.ndarray, classes: list[str], per_class: int = 4) -> None:
+    """One row per class: real val images, then ``per_class`` samples of every row, each
+    block titled, so samples are seen beside what they should look like."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    blocks = {"real val images": (real, real_labels), **{k: (v, labels) for k, v in samples.items()}}
+    fig, axes = plt.subplots(len(classes), len(blocks), figsize=(1.9 * len(blocks), 0.55 * len(classes) + 0.6),
+                             dpi=150, squeeze=False)
+    for col, (name, (imgs, labs)) in enumerate(blocks.items()):
+        for c in range(len(classes)):
+            ax = axes[c, col]
+            ax.imshow(image_grid(imgs[labs == c][:per_class], per_class))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_title(name.replace(", ", ",\n"), fontsize=6)
+            if col == 0:
+                ax.set_ylabel(classes[c], fontsize=5)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
 
 
 def inception_metrics(cfg: CmarConfig, images: np.ndarray, real: np.ndarray,
@@ -111,5 +164,5 @@ def inception_metrics(cfg: CmarConfig, images: np.ndarray, real: np.ndarray,
     return metrics
 
 
-__all__ = ["GRID_COLS", "check_eval_inputs", "cvit_space_metrics", "inception_metrics", "reference_rows",
-           "write_samples"]
+__all__ = ["COMPARISONS", "check_eval_inputs", "format_rows", "headline", "inception_metrics",
+           "plot_samples", "sample_row", "split_val"]

@@ -34,11 +34,15 @@ STAGE_METRICS = (
     ("comae", "train_comae: CoMAE"),
     ("comae_probe", "probe_comae: copy-mechanism probe"),
     ("orders", "export_orders: collapse orders (val)"),
+    ("judge", "train_judge: the judge (val accuracy, raw and as the tokenizer renders them)"),
     ("cvit_train_vit", "train_cvit@vit"),
     ("cvit_train_rvit", "train_cvit@rvit"),
     ("cvit_train_cvit", "train_cvit@cvit"),
     ("cvit", "eval_cvit: accuracy vs patches dropped (Tab. 5)"),
-    ("cmar_train", "train_cmar: CMAR"),
+    ("pretrain_mar", "pretrain_mar: MAR in random order on the pretrain pool"),
+    ("cmar_train_cmar", "train_cmar@cmar (collapse order)"),
+    ("cmar_train_mar", "train_cmar@mar (random order, the baseline)"),
+    ("cmar_train_cmar_asc", "train_cmar@cmar_asc (ascending collapse order)"),
     ("cmar", "eval_cmar: CMAR samples"),
 )
 ORDER_ROWS = ("collapse", "random", "fixed", "centre", "pixel_variance", "token_saliency")
@@ -51,7 +55,8 @@ CURVES = (
      ("tau", "w_mean")),
     ("CoMAE selection weights on val (histogram of w)", "plots/comae_w_hist.csv", "w", ("share",)),
     ("CViT training loss", None, "step", ("loss",)),  # one line per variant, see _cvit_logs
-    ("CMAR training loss", "plots/cmar_train.csv", "step", ("loss",)),
+    ("Judge training loss and accuracy", "plots/judge_train.csv", "step", ("loss", "acc")),
+    ("MAR pretraining loss (random order)", "plots/pretrain_mar_train.csv", "step", ("loss",)),
     ("CViT top-1 (%) vs mask ratio", "plots/cvit_accuracy.csv", "mask_ratio",
      ("ViT", "ViT+C", "RViT", "CViT")),
 )

@@ -1,0 +1,59 @@
+"""Stage ``pretrain_mar``: MAR trained in random order, as the published MAR is -> ``data/pretrain_mar/``.
+
+It learns from the pretrain pool's latents (``data/latents/pretrain.zarr``; ``train.zarr``
+when there is none), with no collapse orders, for ``cmar.pretrain.steps``. Every
+``train_cmar`` variant (CMAR, the MAR baseline, CMAR ascending) fine-tunes from these
+weights for the same number of steps, as the paper fine-tunes MAR-B into CMAR. With
+``cmar.pretrained`` (MAR-B's checkpoint, full profile) the published weights play this part
+and this stage trains nothing; it records that.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Params
+from pipeline.data.imageset import pretrain_split
+from pipeline.latents.store import LatentStore, TokenGridDataset
+from pipeline.tasks.cmar import CmarDataset, CmarTask, build_cmar
+from pipeline.train.trainer import Trainer
+from pipeline.utils.dist import cleanup, init_distributed
+from pipeline.utils.io import atomic_write_json
+
+HEADLINE = ("loss", "train_steps", "wall_time_s", "items_per_s", "train_images")
+
+
+def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
+    data_dir = Path(data_dir)
+    cfg = params.cmar.model_copy(update={"order": "random"})
+    out_dir = data_dir / "pretrain_mar"
+    if cfg.pretrained:
+        record = {"published": str(cfg.pretrained), "train_steps": 0}
+        atomic_write_json(out_dir / "published.json", record)
+        atomic_write_json(data_dir / "metrics" / "pretrain_mar.json", record)
+        print(f"[pretrain_mar] cmar.pretrained is set: the CMAR variants start from {cfg.pretrained}")
+        return record
+    info = init_distributed()
+    try:
+        store = LatentStore(pretrain_split(data_dir / "latents", ".zarr"), in_memory=True)
+        model, _ = build_cmar(cfg, store)
+        task = CmarTask(model, cfg, store.scale_factor, extra_config={"stage": "pretrain_mar"})
+        dataset = CmarDataset(TokenGridDataset(store), with_moments=cfg.posterior_sample)
+        trainer = Trainer(task, dataset, cfg.pretrain, out_dir, inputs={"latents": store.identity},
+                          log_csv=data_dir / "plots" / "pretrain_mar_train.csv",
+                          metrics_json=data_dir / "reports" / "pretrain_mar.json", desc="pretrain_mar")
+        final = {**trainer.fit(), "train_images": len(store)}
+        if info.is_main:
+            atomic_write_json(data_dir / "metrics" / "pretrain_mar.json", {k: final.get(k) for k in HEADLINE})
+            print(f"[pretrain_mar] loss {final.get('loss', float('nan')):.4f} after "
+                  f"{final.get('train_steps')} steps on {len(store)} latents -> {out_dir}", flush=True)
+        return final
+    finally:
+        cleanup()
+
+
+if __name__ == "__main__":
+    from stages.cli import stage_entry
+
+    stage_entry("pretrain-mar")
