@@ -114,3 +114,20 @@ def test_judge_task_learns_a_step_and_needs_a_tokenizer_for_roundtrips():
     loss.backward()
     assert torch.isfinite(loss) and model.head.weight.grad is not None and logs["roundtrip_share"] == 0.0
     assert model.features(torch.zeros(2, 3, 16, 16)).shape == (2, JudgeArch(3, width=8).feature_dim)
+
+
+def test_pretrain_split_falls_back_to_train(tmp_path):
+    from pipeline.data.imageset import pretrain_split
+
+    (tmp_path / "train").mkdir()
+    assert pretrain_split(tmp_path) == tmp_path / "train"
+    (tmp_path / "pretrain.zarr").mkdir()
+    assert pretrain_split(tmp_path, ".zarr") == tmp_path / "pretrain.zarr"
+
+
+def test_synthetic_pretrain_pool_is_its_own_draw():
+    from pipeline.data.synthetic import render
+
+    a, _ = render(0, 0, "train", 32, 0)
+    b, _ = render(0, 0, "pretrain", 32, 0)
+    assert a.shape == b.shape and not np.array_equal(a, b)
