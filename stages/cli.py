@@ -35,7 +35,9 @@ class Stage:
     name: str  # the module in stages/ and the DVC stage
     help: str
     examples: tuple[str, ...]
-    variants: tuple[str, ...] = ()  # choices of --variant, when the stage has them
+    # choices of --variant, when the stage has them; such a stage (train_cvit) also takes
+    # --seed, the one seed that decides the run (dvc.yaml's variant x seed matrix)
+    variants: tuple[str, ...] = ()
 
     @property
     def command(self) -> str:
@@ -59,10 +61,17 @@ STAGES = (
           ("cop export-orders", "cop export-orders -S orders.flip=map -S orders.topk=16")),
     Stage("train_judge", "Train the judge: a CNN classifier of real images that scores samples and "
           "teaches pretrain_vit.", ("cop train-judge", "cop train-judge -S judge.roundtrip=0")),
-    Stage("train_cvit", "Train one CViT variant (ViT on full images, RViT random drops, CViT collapse drops).",
-          ("cop train-cvit --variant rvit", "torchrun --nproc-per-node 8 -m stages.train_cvit --variant cvit"),
+    Stage("pretrain_vit", "Pretrain the ViT every CViT variant starts from: full images of the "
+          "pretrain pool, distilled from the judge (nothing to train when cvit.pretrained is set).",
+          ("cop pretrain-vit", "cop pretrain-vit -S cvit.pretrain.train.steps=4000")),
+    Stage("train_cvit", "Fine-tune one CViT variant from pretrain_vit (ViT on full images, RViT random "
+          "drops, CViT collapse drops) with one seed.",
+          ("cop train-cvit --variant rvit --seed 1",
+           "torchrun --nproc-per-node 8 -m stages.train_cvit --variant cvit --seed 0"),
           VARIANTS),
-    Stage("eval_cvit", "Accuracy vs mask ratio for ViT, ViT+C, RViT, CViT (Tab. 5, Fig. 8).",
+    Stage("eval_cvit", "Accuracy vs mask ratio for ViT, ViT+C, RViT, CViT and the controls (the CViT "
+          "model with fixed, centre, pixel-variance and another image's orders) over cvit.seeds "
+          "(Tab. 5, Fig. 8).",
           ("cop eval-cvit", "cop eval-cvit -S cvit.eval_batch_size=256")),
     Stage("pretrain_mar", "Train MAR in random order on the pretrain pool: the start of every "
           "train_cmar variant.", ("cop pretrain-mar", "cop pretrain-mar -S cmar.pretrain.steps=6000")),
@@ -126,13 +135,17 @@ def _add_stage_command(stage: Stage) -> None:
     if stage.variants:
         # an Enum makes typer list the choices in --help and refuse any other value
         choice = enum.Enum(f"{stage.name}_variant", {v: v for v in stage.variants}, type=str)
+        SeedOpt = Annotated[int, typer.Option(
+            help="the run's seed: initial weights not loaded from pretraining, data order, flips, "
+            "drops (replaces seed and cvit.train.seed for this run)")]
 
         def command(
             variant: Annotated[choice, typer.Option(help="which model to train")
                                ] = choice(stage.variants[-1]),
+            seed: SeedOpt = 0,
             params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
         ) -> None:
-            _run_stage(stage, params, set_, variant=variant.value)
+            _run_stage(stage, params, set_, variant=variant.value, seed=seed)
     else:
         def command(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
             _run_stage(stage, params, set_)
