@@ -138,3 +138,15 @@ def test_pos_embed_and_cls_token_get_no_weight_decay(tmp_path: Path) -> None:
     assert {"vit.patch_embed.proj.weight", "vit.blocks.0.attn.qkv.weight", "vit.head.weight"} <= decayed
     assert {"vit.head.bias", "vit.norm.weight", "vit.blocks.0.norm1.weight"} <= exempt  # ndim/bias rule
     assert decayed.isdisjoint(exempt) and len(decayed | exempt) == len(names)
+
+
+def test_train_cvit_tracks_every_training_key_but_the_seed() -> None:
+    # --seed replaces seed and cvit.train.seed, so DVC must not re-run the matrix for them,
+    # and must re-run it for every other key of cvit.train (a key added to TrainConfig too).
+    import yaml
+
+    stage = yaml.safe_load((Path(__file__).resolve().parents[1] / "dvc.yaml").read_text())["stages"]["train_cvit"]
+    tracked = {p for p in stage["params"] if p.startswith("cvit.train.")}
+    assert tracked == {f"cvit.train.{k}" for k in TrainConfig.model_fields if k != "seed"}
+    assert "seed" not in stage["params"] and "cvit.train" not in stage["params"]
+    assert "--seed ${item.seed}" in stage["cmd"] and stage["matrix"]["seed"] == "${cvit.seeds}"
