@@ -99,9 +99,9 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
     atomic_write_json(data_dir / "metrics" / "cvit.json", headline(metrics))
     atomic_write_text(data_dir / "plots" / "cvit_accuracy.csv", accuracy_csv(summary["rows"], ratios))
     plot_fig8(data_dir / "plots" / "cvit_fig8.png", summary["rows"], ratios,
-              f"{len(dataset)} val images, seeds {list(cfg.seeds)} (mean, 95% bootstrap interval); "
+              f"{len(dataset)} val images, seeds {list(cfg.seeds)}: mean, 95% bootstrap interval\n"
               f"ViT {arch.dim}x{arch.depth}, {arch.grid}x{arch.grid} patches of {arch.patch_size}px; "
-              "dashed: CViT model, other orders")
+              "dashed: the CViT model with other orders", chance=100.0 / len(images.classes))
 
     print(f"[cvit] mean over seeds {list(cfg.seeds)} [95% interval over {len(dataset)} val images]:",
           flush=True)

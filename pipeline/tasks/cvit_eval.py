@@ -346,9 +346,11 @@ def accuracy_csv(rows: dict[str, dict[str, Any]], ratios: list[float]) -> str:
     return buf.getvalue()
 
 
-def plot_fig8(path: Path, rows: dict[str, dict[str, Any]], ratios: list[float], title: str) -> None:
+def plot_fig8(path: Path, rows: dict[str, dict[str, Any]], ratios: list[float], title: str,
+              chance: float | None = None) -> None:
     """Fig. 8: seed-mean top-1 vs mask ratio with shaded 95% intervals; the Tab. 5 rows solid
-    (knees marked), the controls dashed; 78% and beyond shaded as in the paper."""
+    (knees marked), the controls dashed; 78% and beyond shaded as in the paper; ``chance``
+    (%) dotted, so a flat curve near it reads as "learned nothing", not as robustness."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -371,12 +373,16 @@ def plot_fig8(path: Path, rows: dict[str, dict[str, Any]], ratios: list[float], 
         if not control and e["knee"] is not None:
             ax.plot([e["knee"]], [e["top1"]["mean"][ratios.index(e["knee"])]], marker="x",
                     markersize=8, color=color)
+    if chance is not None:
+        ax.axhline(chance, color="0.4", linestyle=":", linewidth=1)
+        ax.text(0.01, chance, " chance", va="bottom", fontsize=7, color="0.35",
+                transform=ax.get_yaxis_transform())
     ax.set_xlabel("mask ratio (share of patches dropped)")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_xlim(0, 1)
     ax.set_ylim(bottom=0)
     ax.set_title(title, fontsize=8)
-    ax.legend(fontsize=7, ncol=2, loc="upper right")
+    ax.legend(fontsize=7, ncol=2, loc="lower left")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     with atomic_path(path) as tmp:
