@@ -35,9 +35,9 @@ class Stage:
     name: str  # the module in stages/ and the DVC stage
     help: str
     examples: tuple[str, ...]
-    # choices of --variant, when the stage has them; such a stage (train_cvit) also takes
-    # --seed, the one seed that decides the run (dvc.yaml's variant x seed matrix)
-    variants: tuple[str, ...] = ()
+    variants: tuple[str, ...] = ()  # choices of --variant, when the stage has them
+    # takes --seed, the one seed that decides the run (train_cvit: dvc.yaml's variant x seed matrix)
+    seeded: bool = False
 
     @property
     def command(self) -> str:
@@ -68,7 +68,7 @@ STAGES = (
           "drops, CViT collapse drops) with one seed.",
           ("cop train-cvit --variant rvit --seed 1",
            "torchrun --nproc-per-node 8 -m stages.train_cvit --variant cvit --seed 0"),
-          VARIANTS),
+          VARIANTS, seeded=True),
     Stage("eval_cvit", "Accuracy vs mask ratio for ViT, ViT+C, RViT, CViT and the controls (the CViT "
           "model with fixed, centre, pixel-variance and another image's orders) over cvit.seeds "
           "(Tab. 5, Fig. 8).",
@@ -135,17 +135,23 @@ def _add_stage_command(stage: Stage) -> None:
     if stage.variants:
         # an Enum makes typer list the choices in --help and refuse any other value
         choice = enum.Enum(f"{stage.name}_variant", {v: v for v in stage.variants}, type=str)
+        VariantOpt = Annotated[choice, typer.Option(help="which model to train")]
         SeedOpt = Annotated[int, typer.Option(
-            help="the run's seed: initial weights not loaded from pretraining, data order, flips, "
-            "drops (replaces seed and cvit.train.seed for this run)")]
+            metavar="SEED", help="the run's seed: initial weights not loaded from pretraining, data "
+            "order, flips, drops (replaces seed and cvit.train.seed for this run)")]
 
-        def command(
-            variant: Annotated[choice, typer.Option(help="which model to train")
-                               ] = choice(stage.variants[-1]),
-            seed: SeedOpt = 0,
-            params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
-        ) -> None:
-            _run_stage(stage, params, set_, variant=variant.value, seed=seed)
+        if stage.seeded:
+            def command(
+                variant: VariantOpt = choice(stage.variants[-1]), seed: SeedOpt = 0,
+                params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
+            ) -> None:
+                _run_stage(stage, params, set_, variant=variant.value, seed=seed)
+        else:
+            def command(
+                variant: VariantOpt = choice(stage.variants[-1]),
+                params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
+            ) -> None:
+                _run_stage(stage, params, set_, variant=variant.value)
     else:
         def command(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
             _run_stage(stage, params, set_)
