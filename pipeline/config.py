@@ -228,6 +228,21 @@ class JudgeConfig(Section):
 VARIANTS = ("vit", "rvit", "cvit")
 
 
+class CvitPretrainConfig(Section):
+    """Stage ``pretrain_vit``: the ViT every variant starts from, trained on full images of
+    the pretrain pool and distilled from the judge (DeiT's soft distillation). Skipped (the
+    published weights are recorded instead) when ``cvit.pretrained`` is set."""
+
+    distill: float = Field(0.5, ge=0, le=1, description="weight a of the distillation term: "
+                           "(1 - a) CE(labels) + a T^2 KL(teacher/T || student/T)")
+    temperature: float = Field(2.0, gt=0, description="softmax temperature T of both models")
+    max_shift: int = Field(4, ge=0, description="random shift (px) besides the flip; the judge "
+                           "sees the same augmented image")
+    eval_every: int = Field(250, ge=1, description="val top-1 every N steps (learning curve)")
+    train: TrainConfig = TrainConfig(steps=1500, batch_size=64, lr=2e-3, warmup_frac=0.05,
+                                     weight_decay=0.05, ckpt_every=250)
+
+
 class CvitConfig(Section):
     # Patch size follows from image size / latent grid; width and depth are the model's.
     dim: int = Field(96, ge=8)
@@ -241,10 +256,22 @@ class CvitConfig(Section):
         default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.78, 0.85, 0.9, 0.95, 0.99]
     )
     eval_batch_size: int = Field(64, ge=1)
+    eval_random_draws: int = Field(
+        3, ge=1, description="random drops per image averaged in the random rows (ViT, RViT)")
+    eval_bootstrap: int = Field(1000, ge=100, description="bootstrap resamples of val images "
+                                "for the 95% intervals")
+    seeds: list[int] = Field(
+        default_factory=lambda: [0, 1], min_length=1,
+        description="one fine-tuning run per variant and seed (dvc.yaml's train_cvit matrix); "
+        "the seed decides the run: initial weights not loaded from pretraining, data order, "
+        "flips, drops")
+    pretrain: CvitPretrainConfig = CvitPretrainConfig()
     train: TrainConfig = TrainConfig(steps=300, batch_size=32, lr=1e-3, ema=None, ckpt_every=100)
 
     @model_validator(mode="after")
     def _ratios(self) -> "CvitConfig":
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds has duplicates: {self.seeds}")
         bad = [r for r in self.eval_ratios if not 0.0 <= r < 1.0]
         if bad:
             raise ValueError(f"eval_ratios must lie in [0, 1); got {bad}")

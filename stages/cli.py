@@ -36,6 +36,8 @@ class Stage:
     help: str
     examples: tuple[str, ...]
     variants: tuple[str, ...] = ()  # choices of --variant, when the stage has them
+    # takes --seed, the one seed that decides the run (train_cvit: dvc.yaml's variant x seed matrix)
+    seeded: bool = False
 
     @property
     def command(self) -> str:
@@ -59,10 +61,17 @@ STAGES = (
           ("cop export-orders", "cop export-orders -S orders.flip=map -S orders.topk=16")),
     Stage("train_judge", "Train the judge: a CNN classifier of real images that scores samples and "
           "teaches pretrain_vit.", ("cop train-judge", "cop train-judge -S judge.roundtrip=0")),
-    Stage("train_cvit", "Train one CViT variant (ViT on full images, RViT random drops, CViT collapse drops).",
-          ("cop train-cvit --variant rvit", "torchrun --nproc-per-node 8 -m stages.train_cvit --variant cvit"),
-          VARIANTS),
-    Stage("eval_cvit", "Accuracy vs mask ratio for ViT, ViT+C, RViT, CViT (Tab. 5, Fig. 8).",
+    Stage("pretrain_vit", "Pretrain the ViT every CViT variant starts from: full images of the "
+          "pretrain pool, distilled from the judge (nothing to train when cvit.pretrained is set).",
+          ("cop pretrain-vit", "cop pretrain-vit -S cvit.pretrain.train.steps=4000")),
+    Stage("train_cvit", "Fine-tune one CViT variant from pretrain_vit (ViT on full images, RViT random "
+          "drops, CViT collapse drops) with one seed.",
+          ("cop train-cvit --variant rvit --seed 1",
+           "torchrun --nproc-per-node 8 -m stages.train_cvit --variant cvit --seed 0"),
+          VARIANTS, seeded=True),
+    Stage("eval_cvit", "Accuracy vs mask ratio for ViT, ViT+C, RViT, CViT and the controls (the CViT "
+          "model with fixed, centre, pixel-variance and another image's orders) over cvit.seeds "
+          "(Tab. 5, Fig. 8).",
           ("cop eval-cvit", "cop eval-cvit -S cvit.eval_batch_size=256")),
     Stage("pretrain_mar", "Train MAR in random order on the pretrain pool: the start of every "
           "train_cmar variant.", ("cop pretrain-mar", "cop pretrain-mar -S cmar.pretrain.steps=6000")),
@@ -126,13 +135,23 @@ def _add_stage_command(stage: Stage) -> None:
     if stage.variants:
         # an Enum makes typer list the choices in --help and refuse any other value
         choice = enum.Enum(f"{stage.name}_variant", {v: v for v in stage.variants}, type=str)
+        VariantOpt = Annotated[choice, typer.Option(help="which model to train")]
+        SeedOpt = Annotated[int, typer.Option(
+            metavar="SEED", help="the run's seed: initial weights not loaded from pretraining, data "
+            "order, flips, drops (replaces seed and cvit.train.seed for this run)")]
 
-        def command(
-            variant: Annotated[choice, typer.Option(help="which model to train")
-                               ] = choice(stage.variants[-1]),
-            params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
-        ) -> None:
-            _run_stage(stage, params, set_, variant=variant.value)
+        if stage.seeded:
+            def command(
+                variant: VariantOpt = choice(stage.variants[-1]), seed: SeedOpt = 0,
+                params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
+            ) -> None:
+                _run_stage(stage, params, set_, variant=variant.value, seed=seed)
+        else:
+            def command(
+                variant: VariantOpt = choice(stage.variants[-1]),
+                params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
+            ) -> None:
+                _run_stage(stage, params, set_, variant=variant.value)
     else:
         def command(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
             _run_stage(stage, params, set_)

@@ -1,21 +1,27 @@
-"""Stage ``eval_cvit``: Tab. 5 and Fig. 8 on the ``val`` split.
+"""Stage ``eval_cvit``: Tab. 5 and Fig. 8 on the ``val`` split, over ``cvit.seeds``, with controls.
 
-For every row of Tab. 5 (ViT, ViT+C, RViT, CViT; see ``pipeline.tasks.cvit``) and every
-mask ratio of ``cvit.eval_ratios``: top-1 / top-5 (%). Per row, AuC (mean top-1 over the
-ratio span, trapezoids) and the Kneedle knee of the top-1 curve. Per ratio, the FLOP ratio
-and the measured wall-time ratio of a forward pass with that many patches dropped against the
-full sequence (the CViT model, one evaluation batch).
+For every seed s of ``cvit.seeds``, the fine-tuned models ``data/cvit/<variant>_s<s>`` are
+tested at every mask ratio of ``cvit.eval_ratios``: the four rows of Tab. 5 (ViT, ViT+C, RViT,
+CViT; see ``pipeline.tasks.cvit``) and four controls, the same CViT model keeping first the
+patches of the fixed train-mean order, the centre, the highest pixel variance, or another
+image's collapse order (``pipeline.tasks.cvit_eval``). The random rows average
+``cvit.eval_random_draws`` random drops per image.
 
-Random test-time drops are seeded by (``seed``, image index): ViT and RViT see the same ones.
+Each figure is the mean over seeds, with a 95% interval from a bootstrap over val images of
+that seed-mean (``cvit.eval_bootstrap`` resamples) and the per-seed values; paired contrasts
+(CViT against CViT-other first: the paper's claim under test) likewise. Per ratio, the FLOP
+ratio and measured wall-time ratio of a forward pass with that many patches dropped.
 
-Writes ``data/reports/cvit.json`` (one block per row with the Tab. 5 columns, plus ``cost``
-and ``eval``), the headline figures ``data/metrics/cvit.json`` (:func:`headline`: AuC and
-top-1 at 78% dropped per row, the cost at 78%), ``data/plots/cvit_accuracy.csv`` (mask_ratio, ViT, ViT+C, RViT, CViT: top-1 %) and
-``data/plots/cvit_fig8.png``.
+Writes ``data/reports/cvit.json`` (per row: curves with intervals and per-seed values, the
+Tab. 5 columns, AuC, knee; ``contrasts``; ``cost``; ``eval``), the headline
+``data/metrics/cvit.json`` (:func:`headline`: AuC and top-1 at 78% dropped per row, each with
+the half-width of its interval), ``data/plots/cvit_accuracy.csv`` (mask_ratio, the seed-mean
+top-1 % of every row, then every row's interval bounds) and ``data/plots/cvit_fig8.png``.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +30,16 @@ from torch.utils.data import DataLoader
 
 from pipeline.config import Params
 from pipeline.data.imageset import ImageSet
+from pipeline.orders.report import mean_scores
 from pipeline.orders.shards import CollapseOrders
-from pipeline.tasks.cvit import VARIANTS, CvitImageDataset, images_to_input, load_cvit
-from pipeline.tasks.cvit_eval import (accuracy_csv, check_model_fits, evaluate_rows, measure_cost,
-                                      plot_fig8, ratio_label, table)
+from pipeline.tasks.cvit import VARIANTS, CvitImageDataset, images_to_input, load_cvit, run_name
+from pipeline.tasks.cvit_eval import (ALL_ROWS, EvalOrders, accuracy_csv, check_model_fits,
+                                      evaluate_rows, format_table, measure_cost, plot_fig8,
+                                      ratio_label, summarise)
 from pipeline.utils.device import pick_device
 from pipeline.utils.io import atomic_write_json, atomic_write_text
 from pipeline.utils.progress import progress
+
 
 def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
     data_dir = Path(data_dir)
@@ -41,24 +50,34 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
     device = pick_device()
     # bf16 on a GPU; fp32 on CPU, where it is the exact (and on this CPU, the faster) path
     amp_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    t0 = time.perf_counter()
 
     images = ImageSet(data_dir / "images" / "val")
     orders = CollapseOrders(data_dir / "orders" / "val")
-    dataset = CvitImageDataset(images, orders, random_seed=params.seed)
-    models, metas = {}, {}
-    for v in VARIANTS:
-        model, meta = load_cvit(data_dir / "cvit" / v)
-        check_model_fits(v, model, meta, orders, images)
-        models[v], metas[v] = model.to(device), meta
-
+    dataset = CvitImageDataset(images, orders)
+    fixed = mean_scores(CollapseOrders(data_dir / "orders" / "train"))  # the train-mean order
     loader = DataLoader(dataset, batch_size=cfg.eval_batch_size, shuffle=False,
                         num_workers=cfg.train.num_workers)
-    bar = progress(total=len(dataset), desc="eval_cvit", unit="img")
-    curves = evaluate_rows(models, loader, ratios, device, amp_dtype, progress=bar)
-    bar.close()
-    rows = table(curves, ratios)
+    per_seed: dict[str, list[dict[str, Any]]] = {row: [] for row in ALL_ROWS}
+    weights: dict[str, dict[str, str]] = {}
+    for seed in cfg.seeds:
+        models = {}
+        for v in VARIANTS:
+            model, meta = load_cvit(data_dir / "cvit" / run_name(v, seed))
+            check_model_fits(run_name(v, seed), model, meta, orders, images)
+            models[v] = model.to(device)
+            weights.setdefault(str(seed), {})[v] = meta["weights"]
+        test_orders = EvalOrders(dataset.image_orders(), fixed, orders.grid, seed,
+                                 cfg.eval_random_draws)
+        bar = progress(total=len(dataset), desc=f"eval_cvit[s{seed}]", unit="img")
+        scores = evaluate_rows(models, loader, ratios, test_orders, device, amp_dtype, progress=bar)
+        bar.close()
+        for row, s in scores.items():
+            per_seed[row].append(s)
+    summary = summarise(per_seed, ratios, list(cfg.seeds), cfg.eval_bootstrap, boot_seed=params.seed)
+    eval_s = time.perf_counter() - t0
 
-    # Cost: the CViT model on one evaluation batch (all variants share the architecture).
+    # Cost: the last seed's CViT model on one evaluation batch (every variant shares the arch).
     first = next(iter(DataLoader(dataset, batch_size=min(cfg.eval_batch_size, len(dataset)))))
     x = images_to_input(first["image"]).to(device)
     cost = measure_cost(models["cvit"], x, first["order"].to(device), ratios, amp_dtype=amp_dtype)
@@ -70,36 +89,42 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
         cost_metrics[f"time_ratio@{lab}"] = round(cost[r]["time_ratio"], 5)
 
     arch = models["cvit"].arch
-    metrics = {**rows, "cost": cost_metrics,
-               "eval": {"images": len(dataset), "grid": arch.grid, "patch_size": arch.patch_size,
-                        "img_size": arch.img_size, "weights": {v: metas[v]["weights"] for v in VARIANTS}}}
+    metrics = {**summary["rows"], "contrasts": summary["contrasts"], "interval": summary["interval"],
+               "ratios": ratios, "cost": cost_metrics,
+               "eval": {"images": len(dataset), "seeds": list(cfg.seeds),
+                        "random_draws": cfg.eval_random_draws, "grid": arch.grid,
+                        "patch_size": arch.patch_size, "img_size": arch.img_size,
+                        "weights": weights, "wall_time_s": round(eval_s, 1)}}
     atomic_write_json(data_dir / "reports" / "cvit.json", metrics)
     atomic_write_json(data_dir / "metrics" / "cvit.json", headline(metrics))
-    atomic_write_text(data_dir / "plots" / "cvit_accuracy.csv", accuracy_csv(curves, ratios))
-    plot_fig8(data_dir / "plots" / "cvit_fig8.png", curves, ratios, rows,
-              f"{len(dataset)} val images, ViT {arch.dim}x{arch.depth}, "
-              f"{arch.grid}x{arch.grid} patches of {arch.patch_size}px")
+    atomic_write_text(data_dir / "plots" / "cvit_accuracy.csv", accuracy_csv(summary["rows"], ratios))
+    plot_fig8(data_dir / "plots" / "cvit_fig8.png", summary["rows"], ratios,
+              f"{len(dataset)} val images, seeds {list(cfg.seeds)}: mean, 95% bootstrap interval\n"
+              f"ViT {arch.dim}x{arch.depth}, {arch.grid}x{arch.grid} patches of {arch.patch_size}px; "
+              "dashed: the CViT model with other orders", chance=100.0 / len(images.classes))
 
+    print(f"[cvit] mean over seeds {list(cfg.seeds)} [95% interval over {len(dataset)} val images]:",
+          flush=True)
+    print(format_table(summary), flush=True)
     r78 = ratio_label(0.78)
-    print("[cvit] top-1 @0 / @78 / AuC / knee:", flush=True)
-    for row, e in rows.items():
-        print(f"  {row:6s} {e['top1@0']:6.2f} / {e[f'top1@{r78}']:6.2f} / {e['AuC']:6.2f} / "
-              f"{e['knee']}", flush=True)
     print(f"  forward at 78% dropped: {cost_metrics[f'flop_ratio@{r78}']:.3f} of the FLOPs, "
-          f"{cost_metrics[f'time_ratio@{r78}']:.3f} of the time", flush=True)
+          f"{cost_metrics[f'time_ratio@{r78}']:.3f} of the time ({eval_s:.0f} s to evaluate)",
+          flush=True)
     return metrics
 
 
 def headline(report: dict[str, Any]) -> dict[str, Any]:
-    """The flat figures `dvc metrics show` prints: AuC and top-1 with 78% of the patches
-    dropped for every row, full-image top-1 of the ViT, the forward cost at 78%."""
+    """The flat figures `dvc metrics show` prints: per row (Tab. 5 and controls) AuC and
+    top-1 with 78% of the patches dropped, each mean over seeds, and the half-width of its 95%
+    interval (``_pm``); the number of val images."""
     r78 = ratio_label(0.78)  # one of the Tab. 5 ratios every evaluation has
-    rows = [r for r in report if isinstance(report[r], dict) and "AuC" in report[r]]
-    out: dict[str, Any] = {f"AuC_{r}": report[r]["AuC"] for r in rows}
-    out.update({f"top1@{r78}_{r}": report[r][f"top1@{r78}"] for r in rows})
-    out["top1@0_ViT"] = report["ViT"]["top1@0"]
-    out[f"flop_ratio@{r78}"] = report["cost"][f"flop_ratio@{r78}"]
-    out[f"time_ratio@{r78}"] = report["cost"][f"time_ratio@{r78}"]
+    out: dict[str, Any] = {}
+    for row in ALL_ROWS:
+        e = report[row]
+        for key in ("AuC", f"top1@{r78}"):
+            lo, hi = e[f"{key}_ci"]
+            out[f"{key}_{row}"] = e[key]
+            out[f"{key}_{row}_pm"] = round((hi - lo) / 2, 4)
     out["images"] = report["eval"]["images"]
     return out
 

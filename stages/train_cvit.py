@@ -1,17 +1,23 @@
-"""Stage ``train_cvit`` (foreach vit, rvit, cvit): train one ViT variant of Tab. 5 -> ``data/cvit/<variant>/``.
+"""Stage ``train_cvit`` (matrix: variant x seed): fine-tune one ViT variant of Tab. 5 with one
+seed -> ``data/cvit/<variant>_s<seed>/``.
 
 - ``vit``:  full images (the ViT / ViT+C rows);
 - ``rvit``: a cosine-scheduled share of random patches dropped;
 - ``cvit``: the same share of the lowest collapse ranks dropped (the first k of the order kept).
 
+Every variant starts from the same weights, ``data/pretrain_vit`` (stage ``pretrain_vit``:
+a ViT distilled from the judge on full images, or the published timm ViT-B it records when
+``cvit.pretrained`` is set), as the paper fine-tunes one pretrained ViT. ``--seed`` decides
+the run: it replaces ``seed`` and ``cvit.train.seed`` (data order, flips, drop ratios and
+random drops; any weights the start leaves initialised).
+
 Inputs: the train images (``data/images/train``) joined by key with their collapse orders
-(``data/orders/train``, flipped orders included; every variant checks them, so all three
-models share one patch grid). The ViT's patch size is image size / latent grid; with
-``cvit.pretrained`` (timm ViT-B/16 weights) it starts from those, pos_embed resized.
-The shared trainer does resume, DDP (torchrun), EMA and bf16. Writes
-``data/cvit/<variant>/{model,model_ema}.safetensors``, ``config.json``, ``train_log.csv``,
-``pretrained.json``, the full record ``data/reports/cvit_train_<variant>.json`` and the
-headline figures ``data/metrics/cvit_train_<variant>.json`` (:data:`HEADLINE`).
+(``data/orders/train``, flipped orders included; every variant checks them, so all models
+share one patch grid). The shared trainer does resume, DDP (torchrun), EMA and bf16. Writes
+``data/cvit/<variant>_s<seed>/{model,model_ema}.safetensors``, ``config.json``,
+``train_log.csv``, ``pretrained.json``, the full record
+``data/reports/cvit_train_<variant>_s<seed>.json`` and the headline figures
+``data/metrics/cvit_train_<variant>_s<seed>.json`` (:data:`HEADLINE`).
 """
 
 from __future__ import annotations
@@ -25,20 +31,24 @@ from pipeline.models.layers import count_params
 from pipeline.orders.shards import CollapseOrders
 from pipeline.tasks.cvit import (
     TRAIN_DROP, VARIANTS, CvitImageDataset, CvitTask, build_vit, orders_tokenizer_fingerprint,
+    run_name, run_params,
 )
 from pipeline.train.trainer import Trainer
 from pipeline.utils.dist import cleanup, init_distributed
 from pipeline.utils.io import atomic_write_json
 
-# Headline figures for `dvc metrics show`; the rest is in data/reports/cvit_train_<variant>.json.
+# Headline figures for `dvc metrics show`; the rest is in data/reports/cvit_train_<run>.json.
 HEADLINE = ("loss", "acc", "train_steps", "wall_time_s", "items_per_s")
 
 
-def run(params: Params, variant: str = "cvit", data_dir: Path | str = Path("data")) -> dict[str, Any]:
+def run(params: Params, variant: str = "cvit", seed: int = 0,
+        data_dir: Path | str = Path("data")) -> dict[str, Any]:
     if variant not in VARIANTS:
         raise ValueError(f"unknown CViT variant {variant!r}: choose one of {', '.join(VARIANTS)}")
     data_dir = Path(data_dir)
+    params = run_params(params, seed)
     cfg = params.cvit
+    name = run_name(variant, seed)
     info = init_distributed()
     try:
         images = ImageSet(data_dir / "images" / "train")
@@ -47,27 +57,30 @@ def run(params: Params, variant: str = "cvit", data_dir: Path | str = Path("data
         uses_orders = TRAIN_DROP[variant] == "collapse"
         dataset = CvitImageDataset(images, orders if uses_orders else None,
                                    check_orders=orders)
-        model, pre = build_vit(params, images.crop_size, orders.grid, len(images.classes))
+        model, pre = build_vit(params, images.crop_size, orders.grid, len(images.classes),
+                               data_dir / "pretrain_vit")
         task = CvitTask(model, variant, cfg.max_mask_ratio, orders_tokenizer_fingerprint(orders),
                         extra_config={"pretrained_sha256": pre.get("pretrained_sha256"),
-                                      "init_seed": params.seed})
-        out_dir = data_dir / "cvit" / variant
-        report = {"variant": variant, "drop": TRAIN_DROP[variant], "params": count_params(model),
-                  "grid": model.arch.grid, "patch_size": model.arch.patch_size}
+                                      "start": pre["start"], "init_seed": params.seed})
+        out_dir = data_dir / "cvit" / name
+        report = {"variant": variant, "seed": seed, "drop": TRAIN_DROP[variant],
+                  "params": count_params(model), "grid": model.arch.grid,
+                  "patch_size": model.arch.patch_size, "start": pre["start"]}
         trainer = Trainer(task, dataset, cfg.train, out_dir,
-                          inputs={"images": images.identity, "orders": orders.identity},
+                          inputs={"images": images.identity, "orders": orders.identity,
+                                  "start": pre.get("pretrained_sha256")},
                           log_csv=out_dir / "train_log.csv", report=report,
-                          metrics_json=data_dir / "reports" / f"cvit_train_{variant}.json",
-                          desc=f"cvit[{variant}]")
+                          metrics_json=data_dir / "reports" / f"cvit_train_{name}.json",
+                          desc=f"cvit[{name}]")
         final = trainer.fit()
         metrics = {**report, **final}
         if info.is_main:
             atomic_write_json(out_dir / "pretrained.json", pre)
-            atomic_write_json(data_dir / "metrics" / f"cvit_train_{variant}.json",
+            atomic_write_json(data_dir / "metrics" / f"cvit_train_{name}.json",
                               {k: final.get(k) for k in HEADLINE})
-            print(f"[cvit] {variant}: loss {final.get('loss', float('nan')):.4f}, train acc "
+            print(f"[cvit] {name}: loss {final.get('loss', float('nan')):.4f}, train acc "
                   f"{final.get('acc', float('nan')):.3f} after {final.get('train_steps')} steps "
-                  f"({final.get('wall_time_s', 0):.0f} s) -> {out_dir}", flush=True)
+                  f"({final.get('wall_time_s') or 0:.0f} s) -> {out_dir}", flush=True)
         return metrics
     finally:
         cleanup()

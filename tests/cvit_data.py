@@ -102,3 +102,31 @@ def make_data_dir(root: Path, grid: int = 4, size: int = 32, classes: int = 3,
         images = make_imageset(data / "images" / split, split, classes, n, size, seed)
         make_orders(data / "orders" / split, images, grid, split, root / "work")
     return data
+
+
+def make_pretrain_inputs(data: Path, grid: int = 4) -> Path:
+    """What pretrain_vit reads besides the images: the latent store (for the grid) and a
+    judge to distil from (a tiny CNN trained 4 steps: a teacher's quality is not under test)."""
+    from pipeline.config import TrainConfig
+    from pipeline.models.judge import ConvJudge, JudgeArch
+    from pipeline.tasks.judge import ImageLabelDataset, JudgeTask
+    from pipeline.train.trainer import Trainer
+
+    images = ImageSet(data / "images" / "train")
+    if not (data / "latents" / "train.zarr").exists():
+        make_store(data / "latents" / "train.zarr", images, grid)
+    if not (data / "judge" / "config.json").exists():
+        torch.manual_seed(0)
+        task = JudgeTask(ConvJudge(JudgeArch(len(images.classes), 8)), max_shift=2, roundtrip=0.0)
+        cfg = TrainConfig(steps=4, batch_size=8, lr=1e-2, ckpt_every=4, log_every=2, precision="fp32")
+        Trainer(task, ImageLabelDataset(images), cfg, data / "judge").fit()
+    return data
+
+
+def make_pretrained_vit(data: Path, params) -> Path:
+    """``data/pretrain_vit`` for ``params`` (a few steps of the real stage)."""
+    from stages import pretrain_vit
+
+    make_pretrain_inputs(data)
+    pretrain_vit.run(params, data_dir=data)
+    return data / "pretrain_vit"

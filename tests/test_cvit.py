@@ -21,7 +21,7 @@ from pipeline.tasks.cvit import (
 )
 from pipeline.tasks.cvit_eval import check_model_fits
 from pipeline.train.trainer import StepContext
-from tests.cvit_data import TOKENIZER, make_data_dir, make_imageset, make_orders
+from tests.cvit_data import TOKENIZER, make_data_dir, make_imageset, make_orders, make_pretrained_vit
 
 
 @pytest.fixture(scope="module")
@@ -152,53 +152,75 @@ def test_task_drops_the_variants_patches_with_flipped_orders(data: Path, variant
         assert capture_keeps(task, batch, 3)[0]["mask_ratio"] == ratios[3]
 
 
+TINY_CVIT = {
+    "dim": 32, "depth": 2, "heads": 2, "eval_batch_size": 8, "seeds": [0, 1],
+    "eval_ratios": [0.0, 0.3, 0.5, 0.6, 0.78, 0.99], "eval_random_draws": 2, "eval_bootstrap": 200,
+    "pretrain": {"eval_every": 5, "train": {"steps": 10, "batch_size": 8, "lr": 3e-3, "ckpt_every": 5,
+                                             "log_every": 5, "precision": "fp32"}},
+    "train": {"steps": 20, "batch_size": 8, "lr": 3e-3, "ckpt_every": 10, "log_every": 10,
+              "precision": "fp32"}}
+
+
 def test_train_and_eval_stages(data: Path, capsys) -> None:
     from stages import eval_cvit, train_cvit
 
-    params = parse_params({"seed": 0, "cvit": {
-        "dim": 32, "depth": 2, "heads": 2, "eval_batch_size": 8,
-        "eval_ratios": [0.0, 0.3, 0.5, 0.6, 0.78, 0.99],
-        "train": {"steps": 20, "batch_size": 8, "lr": 3e-3, "ckpt_every": 10, "log_every": 10,
-                  "precision": "fp32"}}})
-    for v in ("vit", "rvit", "cvit"):
-        m = train_cvit.run(params, variant=v, data_dir=data)
-        assert m["variant"] == v and m["train_steps"] == 20 and m["grid"] == 4
-        assert (data / "cvit" / v / "model.safetensors").exists()
-        assert json.loads((data / "reports" / f"cvit_train_{v}.json").read_text())["patch_size"] == 8
-        headline = json.loads((data / "metrics" / f"cvit_train_{v}.json").read_text())
-        assert set(headline) == set(train_cvit.HEADLINE) and headline["train_steps"] == 20
-    again = train_cvit.run(params, variant="cvit", data_dir=data)  # finished: resumes at the end
+    params = parse_params({"seed": 0, "cvit": TINY_CVIT})
+    make_pretrained_vit(data, params)
+    for seed in (0, 1):
+        for v in ("vit", "rvit", "cvit"):
+            m = train_cvit.run(params, variant=v, seed=seed, data_dir=data)
+            assert m["variant"] == v and m["train_steps"] == 20 and m["grid"] == 4
+            assert m["seed"] == seed and m["start"] == "pretrain_vit"
+            name = f"{v}_s{seed}"
+            assert (data / "cvit" / name / "model.safetensors").exists()
+            assert json.loads((data / "reports" / f"cvit_train_{name}.json").read_text())["patch_size"] == 8
+            headline = json.loads((data / "metrics" / f"cvit_train_{name}.json").read_text())
+            assert set(headline) == set(train_cvit.HEADLINE) and headline["train_steps"] == 20
+    again = train_cvit.run(params, variant="cvit", seed=1, data_dir=data)  # finished: resumes at the end
     assert again["steps_this_run"] == 0
     with pytest.raises(ValueError, match="unknown CViT variant"):
         train_cvit.run(params, variant="dvit", data_dir=data)
 
     metrics = eval_cvit.run(params, data_dir=data)
+    table = capsys.readouterr().out
+    assert "CViT - CViT-other" in table and "CViT-pixvar" in table
     saved = json.loads((data / "reports" / "cvit.json").read_text())
     assert saved == json.loads(json.dumps(metrics))
     headline = json.loads((data / "metrics" / "cvit.json").read_text())
-    assert headline == eval_cvit.headline(saved) and len(headline) <= 12
+    assert headline == eval_cvit.headline(saved)
     assert all(not isinstance(v, (dict, list)) for v in headline.values())
+    rows = ("ViT", "ViT+C", "RViT", "CViT", "CViT-fixed", "CViT-centre", "CViT-pixvar", "CViT-other")
+    assert set(headline) == {f"{k}_{r}{pm}" for k in ("AuC", "top1@78") for r in rows
+                             for pm in ("", "_pm")} | {"images"}
     assert headline["AuC_CViT"] == saved["CViT"]["AuC"]
     assert headline["top1@78_RViT"] == saved["RViT"]["top1@78"]
-    for row in ("ViT", "ViT+C", "RViT", "CViT"):
+    n_ratios = len(params.cvit.eval_ratios)
+    for row in rows:
         e = saved[row]
-        assert set(e) == {"top1@0", "top5@0", "top1@30", "top5@30", "top1@50", "top5@50",
-                          "top1@78", "top5@78", "AuC", "knee"}
+        lo, hi = e["AuC_ci"]
+        assert lo <= e["AuC"] <= hi and len(e["AuC_per_seed"]) == 2
+        assert e["AuC"] == pytest.approx(sum(e["AuC_per_seed"]) / 2, abs=1e-3)  # mean over seeds
+        assert len(e["top1"]["mean"]) == len(e["top1"]["lo"]) == n_ratios
+        assert np.shape(e["top1"]["per_seed"]) == (2, n_ratios)
         assert 0 <= e["top1@78"] <= e["top5@78"] == 100.0  # 3 classes: top-5 is trivial
         assert e["knee"] is None or 0 < e["knee"] < 1
-    # ViT and ViT+C share the weights: identical without drops
+    # ViT and ViT+C share the weights, and every control is the CViT model: identical without drops
     assert saved["ViT"]["top1@0"] == saved["ViT+C"]["top1@0"]
+    assert {saved[r]["top1@0"] for r in rows[3:]} == {saved["CViT"]["top1@0"]}
+    assert set(saved["contrasts"]) >= {"CViT - CViT-other", "CViT - RViT"}
+    assert saved["eval"]["seeds"] == [0, 1] and saved["interval"]["resamples"] == 200
     cost = saved["cost"]
     assert cost["kept@78"] == 4 and cost["flop_ratio@0"] == 1.0
     assert cost["flop_ratio@78"] < cost["flop_ratio@50"] < 1.0
     with open(data / "plots" / "cvit_accuracy.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["mask_ratio", "ViT", "ViT+C", "RViT", "CViT"]
-    assert [float(r["mask_ratio"]) for r in rows] == sorted(params.cvit.eval_ratios)
-    assert float(rows[0]["CViT"]) == saved["CViT"]["top1@0"]
+        csv_rows = list(csv.DictReader(f))
+    assert list(csv_rows[0])[:9] == ["mask_ratio", *rows]
+    assert [float(r["mask_ratio"]) for r in csv_rows] == sorted(params.cvit.eval_ratios)
+    assert float(csv_rows[0]["CViT"]) == saved["CViT"]["top1@0"]
+    assert float(csv_rows[0]["CViT_lo"]) <= float(csv_rows[0]["CViT"]) <= float(csv_rows[0]["CViT_hi"])
     assert (data / "plots" / "cvit_fig8.png").read_bytes()[:4] == b"\x89PNG"
 
-    model, meta = load_cvit(data / "cvit" / "cvit")
+    model, meta = load_cvit(data / "cvit" / "cvit_s0")
     assert meta["task"]["variant"] == "cvit" and model.arch.grid == 4
     assert np.isfinite(model.pos_embed.detach().numpy()).all()
 
@@ -207,6 +229,7 @@ def test_model_starts_from_pretrained_timm_weights(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
     from pipeline.models.vit import PretrainedMismatchError
+    from pipeline.tasks.cvit import published_record
 
     # a "timm" checkpoint of the same width on a 2x2 grid with 10 classes
     src = VisionTransformer(VitArch.for_grid(32, 2, 10, dim=32, depth=2, heads=2))
@@ -214,12 +237,49 @@ def test_model_starts_from_pretrained_timm_weights(tmp_path: Path) -> None:
     sd["patch_embed.proj.weight"] = torch.randn(32, 3, 8, 8)  # 8 px patches like the target
     save_file(sd, str(tmp_path / "vit.safetensors"))
     cvit = {"dim": 32, "depth": 2, "heads": 2, "pretrained": str(tmp_path / "vit.safetensors")}
-    model, info = build_vit(parse_params({"cvit": cvit}), 32, 4, 3)
+    params = parse_params({"cvit": cvit})
+    pre = tmp_path / "pretrain_vit"  # what pretrain_vit writes when the published weights stand in
+    pre.mkdir()
+    (pre / "published.json").write_text(json.dumps(published_record(params)))
+    model, info = build_vit(params, 32, 4, 3, pre)
+    assert info["start"] == "published"
     assert info["pos_embed_resized"] == (2, 4) and sorted(info["reinitialized"]) == ["head.bias", "head.weight"]
     assert torch.equal(model.blocks[1].attn.qkv.weight, sd["blocks.1.attn.qkv.weight"])
+    # the re-initialised head follows the run's seed
+    other, _ = build_vit(parse_params({"seed": 1, "cvit": cvit}), 32, 4, 3, pre)
+    again, _ = build_vit(params, 32, 4, 3, pre)
+    assert torch.equal(model.head.weight, again.head.weight)
+    assert not torch.equal(model.head.weight, other.head.weight)
+    with pytest.raises(ValueError, match="re-run pretrain_vit"):  # the record names other weights
+        build_vit(parse_params({"cvit": {**cvit, "pretrained": str(tmp_path / "x.safetensors")}}),
+                  32, 4, 3, pre)
     del sd["norm.bias"]
     save_file(sd, str(tmp_path / "vit.safetensors"))
+    (pre / "published.json").write_text(json.dumps(published_record(params)))
     with pytest.raises(PretrainedMismatchError, match="norm.bias"):
-        build_vit(parse_params({"cvit": cvit}), 32, 4, 3)
-    _, info = build_vit(parse_params({"cvit": {**cvit, "allow_missing_keys": True}}), 32, 4, 3)
+        build_vit(params, 32, 4, 3, pre)
+    _, info = build_vit(parse_params({"cvit": {**cvit, "allow_missing_keys": True}}), 32, 4, 3, pre)
     assert info["missing"] == ["norm.bias"]
+
+
+def test_another_images_order_is_a_derangement() -> None:
+    from pipeline.tasks.cvit_eval import EvalOrders, derangement
+
+    for n in (2, 3, 7, 100):
+        perm = derangement(n, seed=3)
+        assert sorted(perm.tolist()) == list(range(n)) and not (perm == np.arange(n)).any()
+        assert np.array_equal(perm, derangement(n, seed=3))  # fixed: every seed and model alike
+    with pytest.raises(ValueError, match="at least 2"):
+        derangement(1)
+    g = torch.Generator().manual_seed(0)
+    own = torch.stack([torch.randperm(16, generator=g) for _ in range(6)]).numpy()
+    orders = EvalOrders(own, np.arange(16.0), grid=4, run_seed=1, draws=3)
+    batch = {"index": torch.tensor([0, 2, 5]), "image": torch.zeros(3, 32, 32, 3, dtype=torch.uint8)}
+    got = orders.for_batch(batch)
+    assert np.array_equal(got["collapse"][0].numpy(), own[[0, 2, 5]])
+    assert np.array_equal(got["other"][0].numpy(), own[orders.other_of[[0, 2, 5]]])
+    assert got["fixed"][0][0].tolist() == list(range(15, -1, -1))  # highest mean score first
+    assert set(got["centre"][0][0, :4].tolist()) == {5, 6, 9, 10}  # the 4 central patches of 4x4
+    assert len(got["random"]) == 3 and not torch.equal(got["random"][0], got["random"][1])
+    for rows in got.values():
+        assert all(sorted(o.tolist()) == list(range(16)) for t in rows for o in t)

@@ -17,19 +17,20 @@ import pytest
 
 from pipeline.config import parse_params
 from pipeline.data.imageset import ImageSet
-from tests.cvit_data import make_data_dir, make_store
+from tests.cvit_data import make_data_dir, make_pretrain_inputs, make_store
 
 TRAIN = {"steps": 2, "batch_size": 4, "ckpt_every": 2, "log_every": 1, "precision": "fp32"}
 PARAMS = parse_params({
     "comae": {"enc_dim": 16, "enc_depth": 1, "enc_heads": 2, "dec_dim": 16, "dec_depth": 1,
               "dec_heads": 2, "head_layers": 1, "targets_per_image": 4, "train": TRAIN},
-    "cvit": {"dim": 16, "depth": 1, "heads": 2, "train": TRAIN},
+    "cvit": {"dim": 16, "depth": 1, "heads": 2, "train": TRAIN,
+             "pretrain": {"eval_every": 1, "train": TRAIN}},
     "cmar": {"enc_dim": 16, "enc_depth": 1, "enc_heads": 2, "dec_dim": 16, "dec_depth": 1,
              "dec_heads": 2, "buffer_size": 2, "diffloss_d": 1, "diffloss_w": 16,
              "train": {**TRAIN, "ema": 0.9}},
 })
-STAGES = [("train_comae", "comae", {}), ("train_cvit", "cvit/cvit", {"variant": "cvit"}),
-          ("train_cmar", "cmar", {})]
+STAGES = [("train_comae", "comae", {}), ("pretrain_vit", "pretrain_vit", {}),
+          ("train_cvit", "cvit/cvit_s0", {"variant": "cvit", "seed": 0}), ("train_cmar", "cmar", {})]
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +40,7 @@ def data_dirs(tmp_path_factory) -> tuple[Path, Path]:
     for seed in (0, 1):
         data = make_data_dir(tmp_path_factory.mktemp(f"seed{seed}"), seed=seed)
         make_store(data / "latents" / "train.zarr", ImageSet(data / "images" / "train"), grid=4)
+        make_pretrain_inputs(data)  # the judge pretrain_vit distils from
         dirs.append(data)
     return dirs[0], dirs[1]
 
@@ -50,6 +52,9 @@ def _steps_this_run(out: Path) -> int:
 @pytest.mark.parametrize("stage, out, kw", STAGES, ids=[s[0] for s in STAGES])
 def test_trainer_starts_over_when_its_inputs_change(data_dirs, stage, out, kw, capsys) -> None:
     old, new = data_dirs
+    if stage == "train_cvit":  # fine-tuning starts from each folder's own pretrained ViT
+        for d in data_dirs:
+            importlib.import_module("stages.pretrain_vit").run(PARAMS, data_dir=d)
     run = importlib.import_module(f"stages.{stage}").run
     run(PARAMS, data_dir=old, **kw)
     assert _steps_this_run(old / out) == 2

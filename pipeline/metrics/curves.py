@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 
 
-def topk_correct(logits: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, int]:
-    """{k: number of rows whose label is among the top-k logits}.
+def topk_hits(logits: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, Tensor]:
+    """{k: bool [B], whether each row's label is among its top-k logits}.
 
     With fewer classes than k, every row counts as correct for that k (top-5 over 3 classes
     is trivially 100%), which is what timm's ``accuracy`` gives with k clipped to the classes.
@@ -30,7 +30,12 @@ def topk_correct(logits: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) -> 
     kmax = min(max(ks), logits.shape[1])
     top = logits.topk(kmax, dim=1).indices  # [B, kmax], best first
     hit = top == labels.unsqueeze(1)  # [B, kmax]
-    return {k: int(hit[:, : min(k, kmax)].any(dim=1).sum()) for k in ks}
+    return {k: hit[:, : min(k, kmax)].any(dim=1) for k in ks}
+
+
+def topk_correct(logits: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, int]:
+    """{k: number of rows whose label is among the top-k logits} (see :func:`topk_hits`)."""
+    return {k: int(h.sum()) for k, h in topk_hits(logits, labels, ks).items()}
 
 
 def auc(ratios: Sequence[float], values: Sequence[float]) -> float:
@@ -95,4 +100,4 @@ def kneedle(x: Sequence[float], y: Sequence[float], sensitivity: float = 1.0) ->
     return float(xs[best])
 
 
-__all__ = ["auc", "kneedle", "topk_correct"]
+__all__ = ["auc", "kneedle", "topk_correct", "topk_hits"]

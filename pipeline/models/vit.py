@@ -152,6 +152,12 @@ class VisionTransformer(nn.Module):
         """A fresh classifier, as fine-tuning on another label set does."""
         init_vit_weights(self.head)
 
+    def no_weight_decay(self) -> set[str]:
+        """timm's hook: parameters AdamW must not decay. Decaying the positional embeddings
+        pulls every position towards the same vector, and the ViT drops patches after adding
+        them, so position is all a kept patch knows of where it sits."""
+        return {"pos_embed", "cls_token"}
+
     @property
     def num_patches(self) -> int:
         return self.arch.num_patches

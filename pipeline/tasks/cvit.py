@@ -49,7 +49,7 @@ from pipeline.config import VARIANTS, Params
 from pipeline.models.vit import VisionTransformer, VitArch, load_pretrained
 from pipeline.train.checkpoint import load_run
 from pipeline.train.trainer import StepContext, TrainTask
-from pipeline.utils.io import sha256_file, sha256_json
+from pipeline.utils.io import read_json, sha256_file, sha256_json
 
 TRAIN_DROP = {"vit": "none", "rvit": "random", "cvit": "collapse"}
 # Tab. 5 row -> (trained variant, drop at test)
@@ -60,6 +60,9 @@ ROWS: dict[str, tuple[str, str]] = {
     "CViT": ("cvit", "collapse"),
 }
 TASK_KIND = "cvit"
+PRETRAIN_KIND = "vit_pretrain"  # the task kind of data/pretrain_vit (pipeline.tasks.cvit_pretrain)
+# What pretrain_vit writes when the published weights (cvit.pretrained) stand in for its training.
+PUBLISHED_RECORD = "published.json"
 
 
 class OrdersMismatchError(ValueError):
@@ -185,6 +188,13 @@ class CvitImageDataset(Dataset):
         """Every image's order and flipped order in memory (``CollapseOrders.order_table``)."""
         return orders.order_table()[rows], orders.order_table(flip=True)[rows]
 
+    def image_orders(self) -> np.ndarray:
+        """Every image's collapse order (rank 0 first), [n, N] in image order: what another
+        image's order is drawn from at evaluation."""
+        if self._order is None:
+            raise ValueError("this dataset was built without orders")
+        return self._order
+
     def __len__(self) -> int:
         return len(self.images)
 
@@ -260,24 +270,94 @@ class CvitTask(TrainTask):
 # ----------------------------------------------------------------------------- saved models
 
 
-def build_vit(params: Params, crop_size: int, grid: int, num_classes: int,
-              ) -> tuple[VisionTransformer, dict[str, Any]]:
-    """A variant's ViT on the latent grid (patch size = image size / grid), from timm weights
-    when ``cvit.pretrained`` is set; returns the model and what was loaded into it."""
+def vit_arch(params: Params, crop_size: int, grid: int, num_classes: int) -> VitArch:
+    """The ViT of ``cvit.dim/depth/heads/mlp_ratio`` on the latent grid."""
     cfg = params.cvit
-    arch = VitArch.for_grid(crop_size, grid, num_classes, dim=cfg.dim, depth=cfg.depth,
+    return VitArch.for_grid(crop_size, grid, num_classes, dim=cfg.dim, depth=cfg.depth,
                             heads=cfg.heads, mlp_ratio=cfg.mlp_ratio)
-    torch.manual_seed(params.seed)  # the same initial weights for every variant
-    model = VisionTransformer(arch)
-    info: dict[str, Any] = {"pretrained": None}
-    if cfg.pretrained:
-        report = load_pretrained(model, cfg.pretrained, allow_missing_keys=cfg.allow_missing_keys)
-        print(f"[cvit] pretrained {cfg.pretrained}: {report.summary()}", flush=True)
-        info = {"pretrained": str(cfg.pretrained), "pretrained_sha256": sha256_file(cfg.pretrained),
+
+
+def published_record(params: Params) -> dict[str, Any]:
+    """What pretrain_vit writes instead of training when ``cvit.pretrained`` is set."""
+    path = params.cvit.pretrained
+    if not path or not Path(path).is_file():
+        raise FileNotFoundError(f"cvit.pretrained: published ViT weights not found: {path}")
+    return {"kind": PRETRAIN_KIND, "published": str(path), "sha256": sha256_file(path),
+            "note": "cvit.pretrained is set: the published weights are the pretrained ViT; "
+                    "pretrain_vit trained nothing"}
+
+
+def start_weights(model: VisionTransformer, pretrain_dir: str | Path, params: Params) -> dict[str, Any]:
+    """Load the weights a variant starts from into ``model`` (in place); say what was loaded.
+
+    ``pretrain_dir`` (``data/pretrain_vit``) holds either a trained ViT (its architecture
+    must be the model's: same width, depth, grid and classes, the head included) or the
+    record that the published weights (``cvit.pretrained``) stand in for it; those load
+    through :func:`pipeline.models.vit.load_pretrained` (pos_embed resized, a head for
+    another class count re-initialised from the current RNG, i.e. from the run's seed).
+    """
+    pretrain_dir = Path(pretrain_dir)
+    record = pretrain_dir / PUBLISHED_RECORD
+    if record.exists():
+        rec = read_json(record)
+        want = params.cvit.pretrained
+        if not want or Path(rec["published"]) != Path(want):
+            raise ValueError(f"{pretrain_dir} records the published weights {rec['published']}, "
+                             f"but cvit.pretrained is {want!r}: re-run pretrain_vit")
+        if sha256_file(want) != rec["sha256"]:
+            raise ValueError(f"{want} changed since pretrain_vit recorded it: re-run pretrain_vit")
+        report = load_pretrained(model, want, allow_missing_keys=params.cvit.allow_missing_keys)
+        return {"start": "published", "pretrained": str(want), "pretrained_sha256": rec["sha256"],
                 "loaded": len(report.loaded), "missing": report.missing,
                 "unexpected": report.unexpected, "dropped": report.dropped,
-                "reinitialized": report.reinitialized,
-                "pos_embed_resized": report.pos_embed_resized}
+                "reinitialized": report.reinitialized, "pos_embed_resized": report.pos_embed_resized,
+                "summary": report.summary()}
+    if params.cvit.pretrained:
+        raise ValueError(f"cvit.pretrained is set but {pretrain_dir} holds a ViT trained here: "
+                         "re-run pretrain_vit")
+    run = load_run(pretrain_dir, "auto")
+    task = run.task
+    if task.get("kind") != PRETRAIN_KIND:
+        raise ValueError(f"{pretrain_dir} does not hold a pretrained ViT (task kind {task.get('kind')!r})")
+    theirs = VitArch.from_dict(task["arch"])
+    if theirs != model.arch:
+        diff = {k: (v, getattr(model.arch, k)) for k, v in theirs.to_dict().items()
+                if getattr(model.arch, k) != v}
+        raise ValueError(f"the pretrained ViT in {pretrain_dir} has another architecture than "
+                         f"this model (pretrained, here): {diff}; re-run pretrain_vit")
+    model.load_state_dict(run.state)
+    weights = pretrain_dir / run.weights.name
+    return {"start": "pretrain_vit", "pretrained": str(weights),
+            "pretrained_sha256": sha256_file(weights)}
+
+
+def run_name(variant: str, seed: int) -> str:
+    """A fine-tuning run's folder and file stem: ``cvit_s1`` (data/cvit/cvit_s1,
+    data/metrics/cvit_train_cvit_s1.json); dvc.yaml's train_cvit matrix spells the same."""
+    return f"{variant}_s{seed}"
+
+
+def run_params(params: Params, seed: int) -> Params:
+    """``params`` with ``seed`` deciding the whole fine-tuning run: the root seed (initial
+    weights not loaded from pretraining, e.g. a re-initialised head) and ``cvit.train.seed``
+    (data order, flips, drop ratios, random drops). Before, ``-S seed=1`` changed only the
+    initial weights and left the trainer's stream at ``cvit.train.seed``."""
+    train = params.cvit.train.model_copy(update={"seed": seed})
+    return params.model_copy(update={"seed": seed,
+                                     "cvit": params.cvit.model_copy(update={"train": train})})
+
+
+def build_vit(params: Params, crop_size: int, grid: int, num_classes: int,
+              pretrain_dir: str | Path) -> tuple[VisionTransformer, dict[str, Any]]:
+    """A variant's ViT on the latent grid, started from ``pretrain_dir`` (data/pretrain_vit:
+    the ViT pretrained here, or the published weights it records); returns the model and
+    what was loaded into it. The RNG is seeded from ``params.seed`` first, so whatever the
+    start leaves initialised (a head for another class count) follows the run's seed."""
+    torch.manual_seed(params.seed)
+    model = VisionTransformer(vit_arch(params, crop_size, grid, num_classes))
+    info = start_weights(model, pretrain_dir, params)
+    print(f"[cvit] starts from {info['start']} weights {info['pretrained']}"
+          + (f": {info['summary']}" if info.get("summary") else ""), flush=True)
     return model, info
 
 
@@ -296,7 +376,9 @@ def load_cvit(directory: str | Path, prefer_ema: bool = True) -> tuple[VisionTra
 
 
 __all__ = [
-    "CvitImageDataset", "CvitTask", "OrdersMismatchError", "ROWS", "TRAIN_DROP", "VARIANTS",
-    "build_vit", "check_orders_match_images", "cosine_mask_ratio", "images_to_input",
-    "keep_first", "load_cvit", "num_keep", "orders_tokenizer_fingerprint", "random_order",
+    "CvitImageDataset", "CvitTask", "OrdersMismatchError", "PRETRAIN_KIND", "PUBLISHED_RECORD",
+    "ROWS", "TRAIN_DROP", "VARIANTS", "build_vit", "check_orders_match_images",
+    "cosine_mask_ratio", "images_to_input", "keep_first", "load_cvit", "num_keep",
+    "orders_tokenizer_fingerprint", "published_record", "random_order", "run_name", "run_params",
+    "start_weights", "vit_arch",
 ]

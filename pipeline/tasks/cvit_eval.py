@@ -1,8 +1,26 @@
-"""CViT evaluation (paper Tab. 5, Fig. 8): accuracy of every Tab. 5 row at every mask ratio,
-the cost of a forward pass with patches dropped, the table, CSV and figure ``eval_cvit``
-writes, and the ViT as a feature extractor.
+"""CViT evaluation (paper Tab. 5, Fig. 8): accuracy of every Tab. 5 row and every control at
+every mask ratio, over several fine-tuning seeds with intervals, the cost of a forward pass
+with patches dropped, the table, CSV and figure ``eval_cvit`` writes, and the ViT as a
+feature extractor.
 
-The rows and the drop policies are those of :mod:`pipeline.tasks.cvit`.
+The rows and the drop policies of Tab. 5 are those of :mod:`pipeline.tasks.cvit`. The
+controls test the *same* fine-tuned CViT model with other orders than the image's own
+collapse order (issue 12: "another image's order works as well as the image's own"):
+
+    row           model   kept first at test
+    CViT-fixed    cvit    one order for all images: the train split's mean collapse scores
+    CViT-centre   cvit    patches nearest the image centre
+    CViT-pixvar   cvit    patches of highest pixel variance (cheap contrast saliency)
+    CViT-other    cvit    another val image's collapse order (a fixed derangement)
+
+The baseline orders are the scores of :mod:`pipeline.orders.baselines` (what
+``export_orders`` scores the collapse order against), turned into orders by the one
+collapse-order rule (descending score, ties to the lower index). If CViT with the image's
+own order does not beat CViT-other, the orders carry no per-image value downstream.
+
+Random rows (ViT, RViT) average ``draws`` random drops per image; ViT and RViT see the same
+ones. Every score is kept per image, so a row's figure is a mean over images and seeds with a
+bootstrap interval over images (:mod:`pipeline.metrics.intervals`).
 """
 
 from __future__ import annotations
@@ -18,14 +36,31 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.metrics.curves import auc, kneedle, topk_correct
+from pipeline.metrics.curves import auc, kneedle, topk_hits
+from pipeline.metrics.intervals import resample_weights, seed_mean_interval
 from pipeline.models.vit import VisionTransformer, vit_forward_flops
+from pipeline.orders.baselines import centre_scores, fixed_scores, pixel_variance_scores
+from pipeline.orders.pagerank import collapse_order
 from pipeline.tasks.cvit import (
     ROWS, OrdersMismatchError, images_to_input, keep_first, num_keep, orders_tokenizer_fingerprint,
+    random_order,
 )
 from pipeline.utils.device import autocast
 from pipeline.utils.images import to_unit
 from pipeline.utils.io import atomic_path
+
+# control row -> (trained variant, order kept first at test)
+CONTROLS: dict[str, tuple[str, str]] = {
+    "CViT-fixed": ("cvit", "fixed"),
+    "CViT-centre": ("cvit", "centre"),
+    "CViT-pixvar": ("cvit", "pixel_variance"),
+    "CViT-other": ("cvit", "other"),
+}
+ALL_ROWS: dict[str, tuple[str, str]] = {**ROWS, **CONTROLS}
+# paired differences (same images, same seeds) reported with their intervals; the first is
+# the claim under test: the image's own collapse order against another image's
+CONTRASTS = (("CViT", "CViT-other"), ("CViT", "CViT-fixed"), ("CViT", "RViT"), ("CViT", "ViT+C"),
+             ("ViT+C", "ViT"))
 
 
 def check_model_fits(name: str, model: VisionTransformer, meta: dict[str, Any], orders: Any,
@@ -57,38 +92,95 @@ def check_model_fits(name: str, model: VisionTransformer, meta: dict[str, Any], 
 # ----------------------------------------------------------------------------- evaluation
 
 
+def derangement(n: int, seed: int = 0) -> np.ndarray:
+    """A seeded permutation with no fixed point (Sattolo's algorithm: one n-cycle), so image i
+    borrows the order of image ``perm[i] != i``."""
+    if n < 2:
+        raise ValueError(f"another image's order needs at least 2 images, got {n}")
+    rng = np.random.default_rng(seed)
+    perm = np.arange(n)
+    for i in range(n - 1, 0, -1):
+        j = int(rng.integers(0, i))  # j < i strictly: that is what rules out fixed points
+        perm[i], perm[j] = perm[j], perm[i]
+    return perm
+
+
+def random_draw_seed(run_seed: int, draw: int) -> int:
+    """The seed of random drop ``draw`` for the models of fine-tuning seed ``run_seed``:
+    distinct for every (seed, draw) pair while draws < 1000."""
+    return run_seed * 1000 + draw
+
+
+class EvalOrders:
+    """Every order a row keeps first, for a batch of val images (``index`` into the set).
+
+    ``image_orders`` [n, N]: each image's collapse order; ``mean_scores`` [N]: the train
+    split's mean collapse scores (the ``fixed`` baseline); ``grid``: the patch grid.
+    """
+
+    def __init__(self, image_orders: np.ndarray, mean_scores: np.ndarray, grid: int,
+                 run_seed: int, draws: int, derangement_seed: int = 0) -> None:
+        n, N = image_orders.shape
+        if N != grid * grid:
+            raise ValueError(f"orders of {N} patches do not fit a {grid}x{grid} grid")
+        self.grid, self.num_patches, self.run_seed, self.draws = grid, N, run_seed, draws
+        self.collapse = np.asarray(image_orders, np.int64)
+        self.other_of = derangement(n, derangement_seed)
+        self.fixed = collapse_order(fixed_scores(1, np.asarray(mean_scores, np.float64)))[0]
+        self.centre = collapse_order(centre_scores(1, grid))[0]
+
+    def for_batch(self, batch: dict[str, Tensor]) -> dict[str, list[Tensor]]:
+        """{drop: [orders [B, N] per draw]}: one draw for every drop but ``random``."""
+        idx = batch["index"].numpy()
+        B = len(idx)
+        pixels = batch["image"].numpy()  # uint8 [B, H, W, 3]
+        return {
+            "collapse": [torch.from_numpy(self.collapse[idx])],
+            "other": [torch.from_numpy(self.collapse[self.other_of[idx]])],
+            "fixed": [torch.from_numpy(np.broadcast_to(self.fixed, (B, self.num_patches)).copy())],
+            "centre": [torch.from_numpy(np.broadcast_to(self.centre, (B, self.num_patches)).copy())],
+            "pixel_variance": [torch.from_numpy(collapse_order(pixel_variance_scores(pixels, self.grid)))],
+            "random": [torch.stack([random_order(int(i), self.num_patches,
+                                                 random_draw_seed(self.run_seed, r)) for i in idx])
+                       for r in range(self.draws)],
+        }
+
+
 @torch.inference_mode()
 def evaluate_rows(models: dict[str, VisionTransformer], loader: Iterable[dict[str, Tensor]],
-                  ratios: list[float], device: torch.device, amp_dtype: torch.dtype = torch.float32,
-                  rows: dict[str, tuple[str, str]] = ROWS, progress: Any = None,
-                  ) -> dict[str, dict[str, list[float]]]:
-    """Top-1/top-5 (%) of every Tab. 5 row at every mask ratio, in one pass over the data.
+                  ratios: list[float], orders: EvalOrders, device: torch.device,
+                  amp_dtype: torch.dtype = torch.float32,
+                  rows: dict[str, tuple[str, str]] = ALL_ROWS, progress: Any = None,
+                  ) -> dict[str, dict[str, np.ndarray]]:
+    """Per image, the share of draws whose label is in the top-1 / top-5, for every row at
+    every mask ratio, in one pass over the data (each batch decoded once).
 
-    Each batch is decoded once and run through every (model, drop, ratio).
-    Returns {row: {"top1": [per ratio], "top5": [per ratio]}}.
+    Returns {row: {"top1": float [n, len(ratios)], "top5": ...}} in dataset order.
     """
-    hits = {r: np.zeros((2, len(ratios)), np.int64) for r in rows}
-    seen = 0
+    hits: dict[str, dict[str, list[np.ndarray]]] = {r: {"top1": [], "top5": []} for r in rows}
     for batch in loader:
         x = images_to_input(batch["image"]).to(device)
         labels = batch["label"].to(device)
-        drops = {"collapse": batch["order"].to(device), "random": batch["random_order"].to(device)}
-        seen += len(labels)
-        for j, ratio in enumerate(ratios):
-            for row, (variant, drop) in rows.items():
-                model = models[variant]
+        drops = orders.for_batch(batch)
+        for row, (variant, drop) in rows.items():
+            model = models[variant]
+            got = np.zeros((2, len(labels), len(ratios)))
+            for j, ratio in enumerate(ratios):
                 k = num_keep(ratio, model.num_patches)
-                with autocast(device, amp_dtype):
-                    logits = model(x, keep_first(drops[drop], k))
-                c = topk_correct(logits.float(), labels, ks=(1, 5))
-                hits[row][0, j] += c[1]
-                hits[row][1, j] += c[5]
+                for order in drops[drop]:
+                    with autocast(device, amp_dtype):
+                        logits = model(x, keep_first(order.to(device), k))
+                    h = topk_hits(logits.float(), labels, ks=(1, 5))
+                    got[0, :, j] += h[1].cpu().numpy()
+                    got[1, :, j] += h[5].cpu().numpy()
+            got /= len(drops[drop])
+            hits[row]["top1"].append(got[0])
+            hits[row]["top5"].append(got[1])
         if progress is not None:
             progress.update(len(labels))
-    if seen == 0:
+    if not hits[next(iter(rows))]["top1"]:
         raise ValueError("the evaluation set is empty")
-    return {row: {"top1": (100.0 * h[0] / seen).tolist(), "top5": (100.0 * h[1] / seen).tolist()}
-            for row, h in hits.items()}
+    return {row: {m: np.concatenate(v) for m, v in h.items()} for row, h in hits.items()}
 
 
 def _sync(device: torch.device) -> None:
@@ -160,34 +252,105 @@ def vit_features(vit: VisionTransformer, images_u8: np.ndarray, batch: int) -> t
 TABLE_RATIOS = (0.0, 0.3, 0.5, 0.78)  # the Tab. 5 columns
 
 
-def table(curves: dict[str, dict[str, list[float]]], ratios: list[float]) -> dict[str, dict[str, Any]]:
-    """Per row: top1@r / top5@r for the Tab. 5 ratios, AuC and knee of the top-1 curve."""
-    out: dict[str, dict[str, Any]] = {}
-    for row, c in curves.items():
-        entry: dict[str, Any] = {}
+def auc_weights(ratios: list[float]) -> np.ndarray:
+    """w [R] with ``curve @ w == auc(ratios, curve)``: AuC is linear in the curve (trapezoids),
+    so each image has an AuC of its own and the bootstrap resamples those."""
+    eye = np.eye(len(ratios))
+    return np.array([auc(ratios, eye[j]) for j in range(len(ratios))])
+
+
+def summarise(per_seed: dict[str, list[dict[str, np.ndarray]]], ratios: list[float],
+              seeds: list[int], resamples: int, boot_seed: int = 0) -> dict[str, Any]:
+    """Per row: mean over seeds with its 95% interval and the per-seed values, at every ratio
+    (top-1 and top-5, %), for AuC of the top-1 curve, and the knee of the mean curve; then the
+    paired contrasts of :data:`CONTRASTS`. ``per_seed[row][s]`` is ``evaluate_rows``' output
+    for seed ``seeds[s]``. One set of resamples serves every row and contrast."""
+    rows = list(per_seed)
+    n = next(iter(per_seed.values()))[0]["top1"].shape[0]
+    weights = resample_weights(n, resamples, boot_seed)
+    w_auc = auc_weights(ratios)
+    out: dict[str, Any] = {}
+
+    def stack(row: str, metric: str) -> np.ndarray:  # [S, n, R] in percent
+        return 100.0 * np.stack([r[metric] for r in per_seed[row]])
+
+    for row in rows:
+        top1, top5 = stack(row, "top1"), stack(row, "top5")
+        c1, c5 = seed_mean_interval(top1, weights), seed_mean_interval(top5, weights)
+        a = seed_mean_interval(top1 @ w_auc, weights)
+        curve = c1["mean"].tolist()
+        out[row] = {
+            "top1": _rounded(c1), "top5": _rounded(c5),
+            "AuC": round(a["mean"], 4), "AuC_ci": [round(a["lo"], 4), round(a["hi"], 4)],
+            "AuC_per_seed": [round(v, 4) for v in a["per_seed"]],
+            "knee": kneedle(ratios, curve),
+        }
         for r in TABLE_RATIOS:
             j = ratios.index(r)
-            entry[f"top1@{ratio_label(r)}"] = round(c["top1"][j], 4)
-            entry[f"top5@{ratio_label(r)}"] = round(c["top5"][j], 4)
-        entry["AuC"] = round(auc(ratios, c["top1"]), 4)
-        entry["knee"] = kneedle(ratios, c["top1"])
-        out[row] = entry
-    return out
+            lab = ratio_label(r)
+            out[row][f"top1@{lab}"] = round(float(c1["mean"][j]), 4)
+            out[row][f"top1@{lab}_ci"] = [round(float(c1["lo"][j]), 4), round(float(c1["hi"][j]), 4)]
+            out[row][f"top5@{lab}"] = round(float(c5["mean"][j]), 4)
+    contrasts = {}
+    j78 = ratios.index(0.78)
+    for a_row, b_row in CONTRASTS:
+        if a_row not in per_seed or b_row not in per_seed:
+            continue
+        diff = stack(a_row, "top1") - stack(b_row, "top1")  # paired: same images, same seeds
+        d_auc = seed_mean_interval(diff @ w_auc, weights)
+        d_78 = seed_mean_interval(diff[:, :, j78], weights)
+        contrasts[f"{a_row} - {b_row}"] = {
+            "AuC": round(d_auc["mean"], 4), "AuC_ci": [round(d_auc["lo"], 4), round(d_auc["hi"], 4)],
+            "AuC_per_seed": [round(v, 4) for v in d_auc["per_seed"]],
+            "top1@78": round(d_78["mean"], 4), "top1@78_ci": [round(d_78["lo"], 4), round(d_78["hi"], 4)],
+            "top1@78_per_seed": [round(v, 4) for v in d_78["per_seed"]],
+        }
+    return {"rows": out, "contrasts": contrasts,
+            "interval": {"level": 0.95, "method": "percentile bootstrap over val images of the "
+                         "seed-mean", "resamples": resamples, "images": n, "seeds": seeds}}
 
 
-def accuracy_csv(curves: dict[str, dict[str, list[float]]], ratios: list[float]) -> str:
+def _rounded(c: dict[str, Any]) -> dict[str, Any]:
+    return {"mean": np.round(c["mean"], 4).tolist(), "lo": np.round(c["lo"], 4).tolist(),
+            "hi": np.round(c["hi"], 4).tolist(),
+            "per_seed": np.round(c["per_seed"], 4).tolist()}
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """The rows and contrasts as text: mean [95% interval] (per seed) at 0 / 78% and AuC."""
+    def cell(e: dict[str, Any], key: str) -> str:
+        lo, hi = e[f"{key}_ci"]
+        return f"{e[key]:6.2f} [{lo:6.2f}, {hi:6.2f}]"
+
+    seeds = summary["interval"]["seeds"]
+    lines = [f"{'row':12s} {'top1@0':>24s} {'top1@78':>24s} {'AuC':>24s}  AuC per seed {seeds}"]
+    for row, e in summary["rows"].items():
+        lines.append(f"{row:12s} {cell(e, 'top1@0')} {cell(e, 'top1@78')} {cell(e, 'AuC')}  "
+                     + " ".join(f"{v:6.2f}" for v in e["AuC_per_seed"]))
+    lines.append(f"{'contrast':24s} {'d top1@78':>24s} {'d AuC':>24s}  d AuC per seed")
+    for name, e in summary["contrasts"].items():
+        lines.append(f"{name:24s} {cell(e, 'top1@78')} {cell(e, 'AuC')}  "
+                     + " ".join(f"{v:6.2f}" for v in e["AuC_per_seed"]))
+    return "\n".join(lines)
+
+
+def accuracy_csv(rows: dict[str, dict[str, Any]], ratios: list[float]) -> str:
+    """mask_ratio, then per row the seed-mean top-1 (%), then every row's interval bounds."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["mask_ratio", *ROWS])
-    order = sorted(range(len(ratios)), key=lambda j: ratios[j])
-    for j in order:
-        w.writerow([ratios[j], *(f"{curves[row]['top1'][j]:.4f}" for row in ROWS)])
+    names = list(rows)
+    w.writerow(["mask_ratio", *names, *(f"{r}_{b}" for r in names for b in ("lo", "hi"))])
+    for j in sorted(range(len(ratios)), key=lambda j: ratios[j]):
+        w.writerow([ratios[j], *(f"{rows[r]['top1']['mean'][j]:.4f}" for r in names),
+                    *(f"{rows[r]['top1'][b][j]:.4f}" for r in names for b in ("lo", "hi"))])
     return buf.getvalue()
 
 
-def plot_fig8(path: Path, curves: dict[str, dict[str, list[float]]], ratios: list[float],
-              rows: dict[str, dict[str, Any]], title: str) -> None:
-    """Fig. 8: top-1 vs mask ratio, one line per row, knees marked, 78% shaded as in the paper."""
+def plot_fig8(path: Path, rows: dict[str, dict[str, Any]], ratios: list[float], title: str,
+              chance: float | None = None) -> None:
+    """Fig. 8: seed-mean top-1 vs mask ratio with shaded 95% intervals; the Tab. 5 rows solid
+    (knees marked), the controls dashed; 78% and beyond shaded as in the paper; ``chance``
+    (%) dotted, so a flat curve near it reads as "learned nothing", not as robustness."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -195,22 +358,31 @@ def plot_fig8(path: Path, curves: dict[str, dict[str, list[float]]], ratios: lis
 
     order = sorted(range(len(ratios)), key=lambda j: ratios[j])
     xs = [ratios[j] for j in order]
-    fig, ax = plt.subplots(figsize=(5.2, 3.8), dpi=150)
-    ax.axvspan(0.78, 1.0, color="0.92", zorder=0)
+    fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=150)
+    ax.axvspan(0.78, 1.0, color="0.93", zorder=0)
     ax.text(0.79, 0.03, ">78% masked", transform=ax.get_xaxis_transform(), fontsize=8, color="0.35")
-    for row in ROWS:
-        ys = [curves[row]["top1"][j] for j in order]
-        (line,) = ax.plot(xs, ys, marker="o", markersize=3, label=row)
-        knee = rows[row]["knee"]
-        if knee is not None:
-            ax.plot([knee], [curves[row]["top1"][ratios.index(knee)]], marker="x", markersize=8,
-                    color=line.get_color())
-    ax.set_xlabel("mask ratio")
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (row, e) in enumerate(rows.items()):
+        control = row in CONTROLS
+        color = colors[i % len(colors)]
+        ys = [e["top1"]["mean"][j] for j in order]
+        ax.fill_between(xs, [e["top1"]["lo"][j] for j in order], [e["top1"]["hi"][j] for j in order],
+                        color=color, alpha=0.10 if control else 0.18, linewidth=0)
+        ax.plot(xs, ys, linestyle="--" if control else "-", linewidth=1.1 if control else 1.6,
+                marker=None if control else "o", markersize=3, color=color, label=row)
+        if not control and e["knee"] is not None:
+            ax.plot([e["knee"]], [e["top1"]["mean"][ratios.index(e["knee"])]], marker="x",
+                    markersize=8, color=color)
+    if chance is not None:
+        ax.axhline(chance, color="0.4", linestyle=":", linewidth=1)
+        ax.text(0.01, chance, " chance", va="bottom", fontsize=7, color="0.35",
+                transform=ax.get_yaxis_transform())
+    ax.set_xlabel("mask ratio (share of patches dropped)")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_xlim(0, 1)
     ax.set_ylim(bottom=0)
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=8)
+    ax.legend(fontsize=7, ncol=2, loc="lower left")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -218,5 +390,7 @@ def plot_fig8(path: Path, curves: dict[str, dict[str, list[float]]], ratios: lis
     plt.close(fig)
 
 
-__all__ = ["TABLE_RATIOS", "accuracy_csv", "check_model_fits", "evaluate_rows", "measure_cost",
-           "plot_fig8", "ratio_label", "table", "vit_features"]
+__all__ = ["ALL_ROWS", "CONTRASTS", "CONTROLS", "TABLE_RATIOS", "EvalOrders", "accuracy_csv",
+           "auc_weights", "check_model_fits", "derangement", "evaluate_rows", "format_table",
+           "measure_cost", "plot_fig8", "random_draw_seed", "ratio_label", "summarise",
+           "vit_features"]

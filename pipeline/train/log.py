@@ -1,4 +1,5 @@
-"""The trainer's CSV logs: per log window and per epoch, kept beside the checkpoints.
+"""The trainer's CSV logs: per log window, per epoch and (when the task is evaluated during
+training) per evaluation, kept beside the checkpoints.
 
 The canonical files live in the run's output folder (persisted with the checkpoints, so a
 resumed run continues its curve); ``mirror`` copies them to the stage's DVC plot path. DVC
@@ -17,16 +18,23 @@ from pipeline.utils.io import atomic_write_text
 
 
 class TrainLog:
-    def __init__(self, out_dir: Path, mirror: Path | None, is_main: bool) -> None:
+    def __init__(self, out_dir: Path, mirror: Path | None, is_main: bool,
+                 eval_mirror: Path | None = None) -> None:
         self.window = out_dir / "train_log.csv"
         self.epochs = out_dir / "train_log_epochs.csv"
+        self.evals = out_dir / "eval_log.csv"
         self.mirror_path = mirror
+        self.eval_mirror = eval_mirror
         self.is_main = is_main
 
     def truncate(self, step: int, epoch: float) -> None:
         """After a resume, drop rows logged past the checkpoint so the curves have no duplicates."""
         _truncate(self.window, step, "step", self.is_main)
         _truncate(self.epochs, epoch, "epoch", self.is_main)
+        _truncate(self.evals, step, "step", self.is_main)
+
+    def eval_row(self, row: dict[str, Any]) -> None:
+        _append(self.evals, row, self.is_main)
 
     def window_row(self, row: dict[str, Any]) -> None:
         _append(self.window, row, self.is_main)
@@ -35,10 +43,15 @@ class TrainLog:
         _append(self.epochs, row, self.is_main)
 
     def mirror(self) -> None:
-        if not self.mirror_path or not self.is_main:
+        if not self.is_main:
             return
-        dst = self.mirror_path
-        for src, to in ((self.window, dst), (self.epochs, dst.with_name(dst.stem + "_epochs.csv"))):
+        pairs = []
+        if self.mirror_path:
+            dst = self.mirror_path
+            pairs += [(self.window, dst), (self.epochs, dst.with_name(dst.stem + "_epochs.csv"))]
+        if self.eval_mirror:
+            pairs.append((self.evals, self.eval_mirror))
+        for src, to in pairs:
             if src.exists():
                 atomic_write_text(to, src.read_text())
 

@@ -19,7 +19,7 @@ import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -73,6 +73,18 @@ class TrainTask:
 
     def collate(self, items: list[Any]) -> Any:
         return default_collate(items)
+
+
+def no_weight_decay_names(model: nn.Module) -> set[str]:
+    """Parameter names (as ``model.named_parameters()`` spells them) that the model exempts from
+    weight decay through timm's ``no_weight_decay()`` hook, found on any submodule (a task may
+    wrap the model) and prefixed with that submodule's path."""
+    out: set[str] = set()
+    for prefix, module in model.named_modules():
+        hook = getattr(module, "no_weight_decay", None)
+        if callable(hook):
+            out |= {f"{prefix}.{n}" if prefix else n for n in hook()}
+    return out
 
 
 def _check_finite_batch(batch: Any, step: int, where: str = "batch") -> None:
@@ -129,7 +141,9 @@ class Trainer:
     def __init__(self, task: TrainTask, dataset: Dataset, cfg: TrainConfig, out_dir: str | Path, *,
                  inputs: dict[str, Any] | None = None, log_csv: str | Path | None = None,
                  metrics_json: str | Path | None = None, report: dict[str, Any] | None = None,
-                 desc: str = "train", device: torch.device | None = None) -> None:
+                 desc: str = "train", device: torch.device | None = None,
+                 evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+                 eval_every: int = 0, eval_csv: str | Path | None = None) -> None:
         self.task, self.dataset, self.cfg = task, dataset, cfg
         self.inputs = dict(inputs or {})
         self.out_dir = Path(out_dir)
@@ -138,7 +152,14 @@ class Trainer:
         self.report = dict(report or {})  # written before the final values in metrics_json
         self.desc = desc
         self.dist = get_dist()
-        self.log = TrainLog(self.out_dir, Path(log_csv) if log_csv else None, self.dist.is_main)
+        self.log = TrainLog(self.out_dir, Path(log_csv) if log_csv else None, self.dist.is_main,
+                            Path(eval_csv) if eval_csv else None)
+        # A learning curve: ``evaluate(model)`` (eval mode, no grad, main rank) every
+        # ``eval_every`` steps and at the last, rows into ``eval_log.csv`` beside the
+        # checkpoints (so a resumed run keeps its curve) and mirrored to ``eval_csv``.
+        if evaluate is not None and eval_every < 1:
+            raise ValueError(f"eval_every must be >= 1 with an evaluate function, got {eval_every}")
+        self.evaluate, self.eval_every = evaluate, eval_every
         self.device = device or pick_device(self.dist.local_rank)
         self.amp_dtype = resolve_precision(cfg.precision, self.device)
         self.step = 0
@@ -147,12 +168,17 @@ class Trainer:
 
     def _optimizers(self, model: nn.Module) -> dict[str, torch.optim.Optimizer]:
         names = {id(p): n for n, p in model.named_parameters()}
+        skip = no_weight_decay_names(model)
         opts = {}
         for group, params in self.task.param_groups().items():
             decay, no_decay = [], []
             for p in params:
-                # MAE/MAR convention: no weight decay on biases, norms and 1-D embeddings.
-                (no_decay if p.ndim <= 1 or names.get(id(p), "").endswith(".bias") else decay).append(p)
+                # MAE/MAR convention: no weight decay on biases, norms and 1-D embeddings;
+                # plus what the model names (timm's ViT: pos_embed and cls_token, 3-D tensors
+                # that the ndim rule would decay).
+                name = names.get(id(p), "")
+                exempt = p.ndim <= 1 or name.endswith(".bias") or name in skip
+                (no_decay if exempt else decay).append(p)
             opts[group] = torch.optim.AdamW(
                 [{"params": decay, "weight_decay": self.cfg.weight_decay},
                  {"params": no_decay, "weight_decay": 0.0}],
@@ -290,12 +316,25 @@ class Trainer:
                 self.log.epoch_row({"epoch": round(self.step * cfg.batch_size / n, 4),
                                     "step": self.step, **self._reduce(epoch_meter.means())})
                 epoch_meter = _MeanMeter()
+            if self.evaluate is not None and (self.step % self.eval_every == 0 or last):
+                self._evaluate(model)  # before the checkpoint: a resume there keeps this row
             if self.step % cfg.ckpt_every == 0 or last:
                 self._checkpoint(model, opts, ema, epoch_meter)
                 self.log.mirror()
         bar.close()
         elapsed = time.perf_counter() - t_start
         return self._finish(model, ema, final, elapsed, start)
+
+    def _evaluate(self, model: nn.Module) -> None:
+        if self.dist.is_main:
+            model.eval()
+            # the evaluation's own draws must not shift the next step's: the trainer reseeds
+            # every step, but a task may hold generators of its own
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                values = self.evaluate(model)
+            model.train()
+            self.log.eval_row({"step": self.step, **{k: float(v) for k, v in values.items()}})
+        barrier()
 
     def _checkpoint(self, model: nn.Module, opts: dict[str, torch.optim.Optimizer], ema: EMA | None,
                     epoch_meter: _MeanMeter) -> None:

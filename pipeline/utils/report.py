@@ -35,9 +35,8 @@ STAGE_METRICS = (
     ("comae_probe", "probe_comae: copy-mechanism probe"),
     ("orders", "export_orders: collapse orders (val)"),
     ("judge", "train_judge: the judge (val accuracy, raw and as the tokenizer renders them)"),
-    ("cvit_train_vit", "train_cvit@vit"),
-    ("cvit_train_rvit", "train_cvit@rvit"),
-    ("cvit_train_cvit", "train_cvit@cvit"),
+    ("pretrain_vit", "pretrain_vit: the ViT every CViT variant starts from"),
+    ("cvit_train_*", "train_cvit@"),  # one per variant and seed: every file the pattern finds
     ("cvit", "eval_cvit: accuracy vs patches dropped (Tab. 5)"),
     ("pretrain_mar", "pretrain_mar: MAR in random order on the pretrain pool"),
     ("cmar_train_cmar", "train_cmar@cmar (collapse order)"),
@@ -54,13 +53,14 @@ CURVES = (
     ("CoMAE temperature and mean selection weight", "plots/comae_train.csv", "step",
      ("tau", "w_mean")),
     ("CoMAE selection weights on val (histogram of w)", "plots/comae_w_hist.csv", "w", ("share",)),
-    ("CViT training loss", None, "step", ("loss",)),  # one line per variant, see _cvit_logs
+    ("ViT pretraining (judge-distilled): val top-1", "plots/pretrain_vit_val.csv", "step",
+     ("val_top1",)),
+    ("CViT training loss", None, "step", ("loss",)),  # one line per run, see _cvit_logs
     ("Judge training loss and accuracy", "plots/judge_train.csv", "step", ("loss", "acc")),
     ("MAR pretraining loss (random order)", "plots/pretrain_mar_train.csv", "step", ("loss",)),
-    ("CViT top-1 (%) vs mask ratio", "plots/cvit_accuracy.csv", "mask_ratio",
-     ("ViT", "ViT+C", "RViT", "CViT")),
+    ("CViT top-1 (%) vs mask ratio (mean over seeds)", "plots/cvit_accuracy.csv", "mask_ratio",
+     ("ViT", "ViT+C", "RViT", "CViT", "CViT-fixed", "CViT-centre", "CViT-pixvar", "CViT-other")),
 )
-CVIT_VARIANTS = ("vit", "rvit", "cvit")
 MIN_SHOWN_PX = 384  # a smaller picture (a tiny profile's sample grid) is shown scaled up
 MAX_RECORD_CHARS = 60_000  # a full record longer than this is cut in the folded section
 
@@ -236,10 +236,17 @@ def metrics_section(data_dir: Path) -> str:
            '<p class="note">The declared DVC metrics (<code>data/metrics/*.json</code>, what '
            '<code>dvc metrics show</code> prints).</p><div class="metrics">']
     mdir = data_dir / "metrics"
-    known = [s for s, _ in STAGE_METRICS]
+    entries = []
+    for stem, title in STAGE_METRICS:
+        if "*" in stem:  # a family of runs (train_cvit: variant x seed), each under its name
+            entries += [(p.stem, title + p.stem[len(stem) - 1:])
+                        for p in sorted(mdir.glob(f"{stem}.json"))] if mdir.is_dir() else []
+        else:
+            entries.append((stem, title))
+    known = {s for s, _ in entries}
     extra = sorted(p.stem for p in mdir.glob("*.json") if p.stem not in known) \
         if mdir.is_dir() else []
-    for stem, title in [*STAGE_METRICS, *((s, s) for s in extra)]:
+    for stem, title in [*entries, *((s, s) for s in extra)]:
         path = mdir / f"{stem}.json"
         d = _read_json(path)
         body = kv_table(d) if isinstance(d, dict) else _missing(f"data/metrics/{stem}.json")
@@ -269,11 +276,12 @@ def _figure(title: str, series: Iterable[tuple[str, list[float], list[float]]], 
 
 
 def _cvit_logs(data_dir: Path) -> dict[str, list[dict[str, str]]]:
+    """The training log of every train_cvit run (data/cvit/<variant>_s<seed>), by run name."""
     logs = {}
-    for v in CVIT_VARIANTS:
-        rows = _read_csv(data_dir / "cvit" / v / "train_log.csv")
+    for path in sorted((data_dir / "cvit").glob("*/train_log.csv")):
+        rows = _read_csv(path)
         if rows:
-            logs[v] = rows
+            logs[path.parent.name] = rows
     return logs
 
 
@@ -285,7 +293,7 @@ def curves_section(data_dir: Path) -> str:
             logs = _cvit_logs(data_dir)
             series = [(v, _column(r, x), _column(r, ys[0])) for v, r in logs.items()
                       if x in r[0] and ys[0] in r[0]]
-            source = "data/cvit/<variant>/train_log.csv"
+            source = "data/cvit/<variant>_s<seed>/train_log.csv"
         else:
             rows = _read_csv(data_dir / rel)
             series = [(y, _column(rows, x), _column(rows, y)) for y in ys
