@@ -31,7 +31,7 @@ def _has(tree: dict, dotted: str) -> bool:
     return True
 
 
-@pytest.mark.parametrize("path", ["params.yaml", "profiles/full.yaml"])
+@pytest.mark.parametrize("path", ["params.yaml", "profiles/full.yaml", "profiles/smoke.yaml"])
 def test_every_dvc_param_is_written_out(path):
     # DVC reads the params file literally: a key that only has a schema default is "missing".
     raw = yaml.safe_load((REPO / path).read_text())
@@ -39,7 +39,7 @@ def test_every_dvc_param_is_written_out(path):
     assert not missing, f"{path} lacks keys that dvc.yaml tracks: {missing}"
 
 
-@pytest.mark.parametrize("path", ["params.yaml", "profiles/full.yaml"])
+@pytest.mark.parametrize("path", ["params.yaml", "profiles/full.yaml", "profiles/smoke.yaml"])
 def test_profiles_write_out_every_key_of_the_schema(path):
     # DVC sees only what the file spells out: a key left to its schema default could change
     # (in config.py) without re-running anything. The file must be the schema's full dump.

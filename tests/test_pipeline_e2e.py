@@ -19,41 +19,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
-TINY = {
-    "seed": 0,
-    "data": {"source": "synthetic", "crop_size": 32,
-             "synthetic": {"num_classes": 3, "train_per_class": 8, "val_per_class": 4,
-                           "pretrain_per_class": 8, "image_size": 32}},
-    "tokenizer": {"kind": "patch", "patch_size": 8, "dim": 8, "fit_images": 24,
-                  "batch_size": 8, "precision": "fp32"},
-    "latents": {"rows_per_chunk": 8, "rows_per_shard": 16},
-    "comae": {"enc_dim": 16, "enc_depth": 1, "enc_heads": 2, "dec_dim": 16, "dec_depth": 1,
-              "dec_heads": 2, "targets_per_image": 4, "probe_steps": 4,
-              "train": {"steps": 6, "batch_size": 4, "ckpt_every": 3, "log_every": 2,
-                        "precision": "fp32"}},
-    "orders": {"images_per_batch": 4, "samples_per_shard": 8, "save_matrix": True,
-               "precision": "fp32"},
-    "cvit": {"dim": 16, "depth": 1, "heads": 2, "eval_ratios": [0.0, 0.3, 0.5, 0.78],
-             "eval_batch_size": 8, "eval_random_draws": 2, "eval_bootstrap": 100, "seeds": [0],
-             "pretrain": {"eval_every": 2, "train": {"steps": 4, "batch_size": 4, "ckpt_every": 2,
-                                                     "log_every": 2, "precision": "fp32"}},
-             "train": {"steps": 4, "batch_size": 4, "ckpt_every": 2, "log_every": 2,
-                       "precision": "fp32"}},
-    "judge": {"width": 8, "train": {"steps": 4, "batch_size": 8, "ckpt_every": 2, "log_every": 2}},
-    "cmar": {"enc_dim": 16, "enc_depth": 1, "enc_heads": 2, "dec_dim": 16, "dec_depth": 1,
-             "dec_heads": 2, "buffer_size": 2, "diffloss_d": 1, "diffloss_w": 16,
-             "num_iter": 4, "num_sampling_steps": "5", "samples_per_class": 2,
-             "train": {"steps": 4, "batch_size": 4, "ckpt_every": 2, "log_every": 2,
-                       "precision": "fp32", "ema": 0.9},
-             "pretrain": {"steps": 4, "batch_size": 4, "ckpt_every": 2, "log_every": 2}},
-}
-
-
-def _overlay(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _overlay(base.get(k, {}), v) if isinstance(v, dict) else v
-    return out
+# The smoke profile: every stage on a tiny generated set, a few steps each.
+TINY = yaml.safe_load((REPO / "profiles" / "smoke.yaml").read_text())
 
 
 def _run(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -74,9 +41,8 @@ def repo(tmp_path_factory) -> tuple[Path, dict[str, str]]:
         else:
             shutil.copy2(src, root / item)
     (root / "data").mkdir()
-    # On top of the real params.yaml: DVC needs every key dvc.yaml tracks written out.
-    base = yaml.safe_load((REPO / "params.yaml").read_text())
-    (root / "params.yaml").write_text(yaml.safe_dump(_overlay(base, TINY), sort_keys=False))
+    # The smoke profile writes out every key dvc.yaml tracks, as DVC needs.
+    shutil.copy2(REPO / "profiles" / "smoke.yaml", root / "params.yaml")
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "COP_NO_PROGRESS": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
            "OMP_NUM_THREADS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@localhost",

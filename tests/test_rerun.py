@@ -27,10 +27,13 @@ PARAMS = parse_params({
              "pretrain": {"eval_every": 1, "train": TRAIN}},
     "cmar": {"enc_dim": 16, "enc_depth": 1, "enc_heads": 2, "dec_dim": 16, "dec_depth": 1,
              "dec_heads": 2, "buffer_size": 2, "diffloss_d": 1, "diffloss_w": 16,
-             "train": {**TRAIN, "ema": 0.9}},
+             "train": {**TRAIN, "ema": 0.9}, "pretrain": TRAIN},
 })
 STAGES = [("train_comae", "comae", {}), ("pretrain_vit", "pretrain_vit", {}),
-          ("train_cvit", "cvit/cvit_s0", {"variant": "cvit", "seed": 0}), ("train_cmar", "cmar", {})]
+          ("train_cvit", "cvit/cvit_s0", {"variant": "cvit", "seed": 0}),
+          ("pretrain_mar", "pretrain_mar", {}), ("train_cmar", "cmar/cmar", {"variant": "cmar"})]
+# fine-tuning starts from each folder's own pretrained model
+PRETRAIN = {"train_cvit": "pretrain_vit", "train_cmar": "pretrain_mar"}
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +55,9 @@ def _steps_this_run(out: Path) -> int:
 @pytest.mark.parametrize("stage, out, kw", STAGES, ids=[s[0] for s in STAGES])
 def test_trainer_starts_over_when_its_inputs_change(data_dirs, stage, out, kw, capsys) -> None:
     old, new = data_dirs
-    if stage == "train_cvit":  # fine-tuning starts from each folder's own pretrained ViT
+    if stage in PRETRAIN:
         for d in data_dirs:
-            importlib.import_module("stages.pretrain_vit").run(PARAMS, data_dir=d)
+            importlib.import_module(f"stages.{PRETRAIN[stage]}").run(PARAMS, data_dir=d)
     run = importlib.import_module(f"stages.{stage}").run
     run(PARAMS, data_dir=old, **kw)
     assert _steps_this_run(old / out) == 2
