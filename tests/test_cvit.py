@@ -190,8 +190,9 @@ def test_train_and_eval_stages(data: Path, capsys) -> None:
     assert headline == eval_cvit.headline(saved)
     assert all(not isinstance(v, (dict, list)) for v in headline.values())
     rows = ("ViT", "ViT+C", "RViT", "CViT", "CViT-fixed", "CViT-centre", "CViT-pixvar", "CViT-other")
-    assert set(headline) == {f"{k}_{r}{pm}" for k in ("AuC", "top1@78") for r in rows
-                             for pm in ("", "_pm")} | {"images"}
+    assert set(headline) == ({f"AuC_{r}" for r in rows} | {f"top1@78_{r}" for r in rows[:4]}
+                             | {"own_minus_other@78", "own_minus_other@78_pm"})
+    assert headline["own_minus_other@78"] == saved["contrasts"]["CViT - CViT-other"]["top1@78"]
     assert headline["AuC_CViT"] == saved["CViT"]["AuC"]
     assert headline["top1@78_RViT"] == saved["RViT"]["top1@78"]
     n_ratios = len(params.cvit.eval_ratios)
