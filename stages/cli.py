@@ -48,7 +48,8 @@ STAGES = (
     Stage("list_source", "List the image source (files, sizes, mtimes) into data/source.json, so DVC "
           "reruns prepare when a folder or tar pattern changes.",
           ("cop list-source", "cop list-source -S data.source=imagefolder -S data.root=/data/photos")),
-    Stage("prepare", "Build the prepared image set (train/val shards of center crops, labels, masks).",
+    Stage("prepare", "Build the prepared image set (train/val shards of center crops, labels, masks; the "
+          "synthetic pretrain pool).",
           ("cop prepare", "cop prepare -S data.source=imagefolder -S data.root=/data/imagenet")),
     Stage("extract_latents", "Encode the prepared images (and their flips) into the Zarr latent store. "
           "Resumes; torchrun-able.",
@@ -79,7 +80,8 @@ STAGES = (
           "the baseline), cmar_asc (ascending collapse order).",
           ("cop train-cmar --variant mar", "torchrun --nproc-per-node 8 -m stages.train_cmar --variant cmar"),
           ("mar", "cmar_asc", "cmar")),
-    Stage("eval_cmar", "Sample from (C)MAR in the configured order and score the samples.",
+    Stage("eval_cmar", "Sample CMAR, MAR and CMAR-ascending in class / training-image / random order and score them "
+          "beside real, decoded and shuffled controls with the judge (Tab. 2-4).",
           ("cop eval-cmar", "cop eval-cmar -S cmar.cfg=1.5 -S cmar.num_iter=64")),
     Stage("report", "Write data/report.html: metrics tables, orders vs baselines, curves, order "
           "pictures, Fig. 8 and samples in one self-contained page (no network needed).",
