@@ -318,8 +318,6 @@ class CmarConfig(Section):
     temperature: float = Field(1.0, gt=0, le=5.0)
     samples_per_class: int = Field(16, ge=1)
     eval_batch_size: int = Field(32, ge=1)
-    eval_reference_images: int | None = Field(
-        None, ge=1, description="real val images as the no-download reference (null = all)")
     inception_weights: str | None = Field(
         None, description="pt_inception-2015-12-05 weights (.pth); enables FID/IS")
     reference_batch: str | None = Field(

@@ -32,11 +32,12 @@ from pipeline.config import Params
 from pipeline.data.imageset import ImageSet
 from pipeline.orders.report import mean_scores
 from pipeline.orders.shards import CollapseOrders
-from pipeline.tasks.cvit import ROWS, VARIANTS, CvitImageDataset, images_to_input, load_cvit, run_name
+from pipeline.tasks.cvit import ROWS, VARIANTS, CvitImageDataset, load_cvit, run_name
 from pipeline.tasks.cvit_eval import (ALL_ROWS, EvalOrders, accuracy_csv, check_model_fits,
                                       evaluate_rows, format_table, measure_cost, plot_fig8,
                                       ratio_label, summarise)
 from pipeline.utils.device import pick_device
+from pipeline.utils.images import images_to_input
 from pipeline.utils.io import atomic_write_json, atomic_write_text
 from pipeline.utils.progress import progress
 

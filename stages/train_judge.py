@@ -25,6 +25,7 @@ from pipeline.tasks.judge import ImageLabelDataset, JudgeTask, judge_outputs, lo
 from pipeline.tokenizers import latents_tokenizer, roundtrip_images
 from pipeline.train.trainer import Trainer
 from pipeline.utils.dist import cleanup, init_distributed
+from pipeline.utils.images import images_to_input
 from pipeline.utils.io import atomic_write_json
 
 HEADLINE = ("val_acc", "val_acc_roundtrip", "train_images", "train_steps", "wall_time_s")
@@ -71,7 +72,7 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
 def evaluate(judge: ConvJudge, val: ImageSet, tokenizer: Any, batch: int = 256) -> dict[str, Any]:
     """Top-1 on val images, raw and rendered by the tokenizer (encode, decode)."""
     raw = np.stack([val.image(i) for i in range(len(val))])
-    x = torch.from_numpy(raw).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    x = images_to_input(torch.from_numpy(raw))
     rendered = torch.cat([roundtrip_images(tokenizer, x[s:s + batch]) for s in range(0, len(x), batch)])
     rendered_u8 = ((rendered + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
     labels = np.asarray(val.labels)

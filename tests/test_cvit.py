@@ -16,11 +16,12 @@ from pipeline.data.imageset import ImageSet
 from pipeline.models.vit import VisionTransformer, VitArch
 from pipeline.orders.shards import CollapseOrders
 from pipeline.tasks.cvit import (
-    CvitImageDataset, CvitTask, OrdersMismatchError, build_vit, cosine_mask_ratio, images_to_input,
+    CvitImageDataset, CvitTask, OrdersMismatchError, build_vit, cosine_mask_ratio,
     load_cvit, num_keep, orders_tokenizer_fingerprint, random_order,
 )
 from pipeline.tasks.cvit_eval import check_model_fits
 from pipeline.train.trainer import StepContext
+from pipeline.utils.images import images_to_input
 from tests.cvit_data import TOKENIZER, make_data_dir, make_imageset, make_orders, make_pretrained_vit
 
 

@@ -39,8 +39,7 @@ from pipeline.utils.io import sha256_file
 
 # CmarConfig keys that only affect sampling/evaluation: changing them must not retrain.
 EVAL_ONLY_KEYS = ("sample_order", "num_iter", "num_sampling_steps", "cfg", "cfg_schedule", "temperature",
-                  "samples_per_class", "inception_weights", "reference_batch", "eval_batch_size",
-                  "eval_reference_images")
+                  "samples_per_class", "inception_weights", "reference_batch", "eval_batch_size")
 
 
 # The models of the CMAR comparisons (Tab. 2, 4), fine-tuned alike from pretrain_mar:

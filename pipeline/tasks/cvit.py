@@ -49,6 +49,7 @@ from pipeline.config import VARIANTS, Params
 from pipeline.models.vit import VisionTransformer, VitArch, load_pretrained
 from pipeline.train.checkpoint import load_run
 from pipeline.train.trainer import StepContext, TrainTask
+from pipeline.utils.images import images_to_input
 from pipeline.utils.io import read_json, sha256_file, sha256_json
 
 TRAIN_DROP = {"vit": "none", "rvit": "random", "cvit": "collapse"}
@@ -96,12 +97,6 @@ def random_order(index: int, num_patches: int, seed: int) -> Tensor:
     so every model and every batch size sees the same random drops."""
     g = torch.Generator().manual_seed((seed * 1_000_003 + index * 7_919 + 1) % (2**63 - 1))
     return torch.randperm(num_patches, generator=g)
-
-
-def images_to_input(images: Tensor) -> Tensor:
-    """uint8 [B, H, W, 3] -> float32 [B, 3, H, W] in [-1, 1] (MAR/ADM scaling; the in21k
-    ViT-B/16 was trained with mean = std = 0.5, i.e. the same range)."""
-    return images.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
 
 
 # ----------------------------------------------------------------------------- data
@@ -378,7 +373,7 @@ def load_cvit(directory: str | Path, prefer_ema: bool = True) -> tuple[VisionTra
 __all__ = [
     "CvitImageDataset", "CvitTask", "OrdersMismatchError", "PRETRAIN_KIND", "PUBLISHED_RECORD",
     "ROWS", "TRAIN_DROP", "VARIANTS", "build_vit", "check_orders_match_images",
-    "cosine_mask_ratio", "images_to_input", "keep_first", "load_cvit", "num_keep",
+    "cosine_mask_ratio", "keep_first", "load_cvit", "num_keep",
     "orders_tokenizer_fingerprint", "published_record", "random_order", "run_name", "run_params",
     "start_weights", "vit_arch",
 ]

@@ -42,11 +42,11 @@ from pipeline.models.vit import VisionTransformer, vit_forward_flops
 from pipeline.orders.baselines import centre_scores, fixed_scores, pixel_variance_scores
 from pipeline.orders.pagerank import collapse_order
 from pipeline.tasks.cvit import (
-    ROWS, OrdersMismatchError, images_to_input, keep_first, num_keep, orders_tokenizer_fingerprint,
+    ROWS, OrdersMismatchError, keep_first, num_keep, orders_tokenizer_fingerprint,
     random_order,
 )
 from pipeline.utils.device import autocast
-from pipeline.utils.images import to_unit
+from pipeline.utils.images import images_to_input
 from pipeline.utils.io import atomic_path
 
 # control row -> (trained variant, order kept first at test)
@@ -233,19 +233,6 @@ def ratio_label(ratio: float) -> str:
     return str(int(pct)) if pct == int(pct) else str(pct).replace(".", "_")
 
 
-@torch.no_grad()
-def vit_features(vit: VisionTransformer, images_u8: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pre-logit [cls] features [n, D] and logits [n, C] of the ViT on uint8 images [n, H, W, 3]."""
-    feats, logits = [], []
-    dev = next(vit.parameters()).device
-    for s in range(0, len(images_u8), batch):
-        x = to_unit(images_u8[s:s + batch]).to(dev) * 2 - 1  # the ViT reads [-1, 1]
-        h = vit.forward_features(x)
-        feats.append(vit.forward_head(h, pre_logits=True).float().cpu())
-        logits.append(vit.forward_head(h).float().cpu())
-    return torch.cat(feats).numpy(), torch.cat(logits).numpy()
-
-
 # ----------------------------------------------------------------------------- Tab. 5, Fig. 8
 
 
@@ -392,5 +379,4 @@ def plot_fig8(path: Path, rows: dict[str, dict[str, Any]], ratios: list[float], 
 
 __all__ = ["ALL_ROWS", "CONTRASTS", "CONTROLS", "TABLE_RATIOS", "EvalOrders", "accuracy_csv",
            "auc_weights", "check_model_fits", "derangement", "evaluate_rows", "format_table",
-           "measure_cost", "plot_fig8", "random_draw_seed", "ratio_label", "summarise",
-           "vit_features"]
+           "measure_cost", "plot_fig8", "random_draw_seed", "ratio_label", "summarise"]

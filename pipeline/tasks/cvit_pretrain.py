@@ -28,9 +28,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.models.vit import VisionTransformer
-from pipeline.tasks.cvit import PRETRAIN_KIND, images_to_input
+from pipeline.tasks.cvit import PRETRAIN_KIND
 from pipeline.tasks.judge import augment
 from pipeline.train.trainer import StepContext, TrainTask
+from pipeline.utils.images import images_to_input
 
 
 def distill_loss(student: Tensor, teacher: Tensor, labels: Tensor, distill: float,

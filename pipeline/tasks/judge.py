@@ -27,7 +27,7 @@ from pipeline.models.judge import ConvJudge, JudgeArch
 from pipeline.tokenizers import roundtrip_images
 from pipeline.train.checkpoint import load_run
 from pipeline.train.trainer import StepContext, TrainTask
-from pipeline.utils.images import to_unit
+from pipeline.utils.images import images_to_input
 
 TASK_KIND = "judge"
 
@@ -64,7 +64,7 @@ class JudgeTask(TrainTask):
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor], ctx: StepContext
              ) -> tuple[Tensor, dict[str, Any]]:
-        x = batch["image"].permute(0, 3, 1, 2).float().div(127.5).sub(1.0)  # [b, 3, H, W]
+        x = images_to_input(batch["image"])  # [b, 3, H, W]
         rt = ctx.rand() < self.roundtrip  # [b]; drawn even at 0 so streams do not shift
         if self.roundtrip > 0 and bool(rt.any()):
             x = torch.where(rt[:, None, None, None], roundtrip_images(self.tokenizer, x), x)
@@ -104,7 +104,7 @@ def judge_outputs(judge: ConvJudge, images_u8: np.ndarray, batch: int = 256) -> 
     dev = next(judge.parameters()).device
     feats, logits = [], []
     for s in range(0, len(images_u8), batch):
-        x = to_unit(images_u8[s:s + batch]).to(dev) * 2 - 1
+        x = images_to_input(torch.from_numpy(np.ascontiguousarray(images_u8[s:s + batch]))).to(dev)
         f = judge.features(x)
         feats.append(f.float().cpu())
         logits.append(judge.head(f).float().cpu())

@@ -17,6 +17,12 @@ def to_unit(images_u8: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images_u8)).permute(0, 3, 1, 2).float() / 255.0
 
 
+def images_to_input(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> float32 [B, 3, H, W] in [-1, 1] (MAR/ADM scaling; the in21k
+    ViT-B/16 was trained with mean = std = 0.5, i.e. the same range; the judge reads it too)."""
+    return images.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+
+
 def image_grid(images: np.ndarray, cols: int, pad: int = 2) -> np.ndarray:
     """uint8 [n, H, W, 3] -> one uint8 image, ``cols`` per row, white padding."""
     n, H, W, _ = images.shape

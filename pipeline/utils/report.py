@@ -322,12 +322,12 @@ def pictures_section(data_dir: Path) -> str:
                    + "</div>")
     else:
         out.append(_missing("data/plots/orders/*.png"))
-    out.append('<h2 id="fig8">CViT: accuracy vs patches dropped (Fig. 8)</h2>')
-    out.append(_png_file(plots / "cvit_fig8.png", "data/plots/cvit_fig8.png")
-               if (plots / "cvit_fig8.png").exists() else _missing("data/plots/cvit_fig8.png"))
-    out.append('<h2 id="samples">CMAR samples</h2>')
-    out.append(_png_file(plots / "cmar_samples.png", "data/plots/cmar_samples.png: one row per class")
-               if (plots / "cmar_samples.png").exists() else _missing("data/plots/cmar_samples.png"))
+    for anchor, title, name, note in (
+            ("fig8", "CViT: accuracy vs patches dropped (Fig. 8)", "cvit_fig8.png", ""),
+            ("samples", "CMAR samples beside real images", "cmar_samples.png", ": one row per class")):
+        out.append(f'<h2 id="{anchor}">{_e(title)}</h2>')
+        out.append(_png_file(plots / name, f"data/plots/{name}{note}") if (plots / name).exists()
+                   else _missing(f"data/plots/{name}"))
     return "".join(out)
 
 
