@@ -173,6 +173,10 @@ class ComaeConfig(Section):
     decoder_sees_alpha: bool = Field(
         False, description="give g each token's noise level alpha as an extra input channel "
         "(as MAE's decoder knows which tokens are masked); false: paper")
+    select_head: Literal["linear", "pointer"] = Field(
+        "linear", description="how f turns its output into w: a linear map of [cls] to N "
+        "position-indexed logits (paper), or a pointer: [cls]'s attention score to each kept "
+        "patch's output, addressed by content and displacement")
     w_shuffle: float = Field(
         0.0, ge=0, le=1, description="share of decoder-step sequences whose w is moved to random "
         "positions, so g learns to read any selection; 0: paper")

@@ -68,8 +68,12 @@ def train_cfg(**kw) -> TrainConfig:
 # ----------------------------------------------------------------------------- model invariants
 
 
-def test_shapes_and_selection_range() -> None:
-    m = tiny().eval()
+HEADS = pytest.mark.parametrize("head", ["linear", "pointer"])
+
+
+@HEADS
+def test_shapes_and_selection_range(head: str) -> None:
+    m = tiny(select_head=head).eval()
     tokens, targets, eps = rand_inputs()
     out = m(tokens, targets, eps)
     assert out["w"].shape == (3, 4, N) and out["recon"].shape == (3, 4, DIM)
@@ -80,9 +84,10 @@ def test_shapes_and_selection_range() -> None:
     assert torch.equal(out["target"], tokens[torch.arange(3)[:, None], targets])
 
 
-def test_target_never_reaches_f_or_g() -> None:
+@HEADS
+def test_target_never_reaches_f_or_g(head: str) -> None:
     """Changing e_n (and only e_n) changes neither w^n nor e*_n, for every target."""
-    m = tiny().eval()
+    m = tiny(select_head=head).eval()
     tokens, _, _ = rand_inputs(B=2)
     targets = torch.arange(N).expand(2, N)  # every patch is a target once
     eps = torch.randn(2, N, N - 1, DIM)
@@ -127,8 +132,9 @@ def test_cls_only_block_matches_block() -> None:
                                atol=1e-5, rtol=1e-5)
 
 
-def test_dependency_matrices_match_select_and_chunking() -> None:
-    m = tiny().eval()
+@HEADS
+def test_dependency_matrices_match_select_and_chunking(head: str) -> None:
+    m = tiny(select_head=head).eval()
     tokens, _, _ = rand_inputs(B=2)
     A = m.dependency_matrices(tokens, chunk=7)
     assert A.shape == (2, N, N) and A.dtype == torch.float32

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from pipeline.config import ComaeConfig, TrainConfig
-from pipeline.models.comae import CoMAE, budget_shift
-from pipeline.tasks.comae import ComaeTask
+from pipeline.models.comae import CoMAE, PointerHead, budget_shift
+from pipeline.models.layers import rope_2d_tables
+from pipeline.tasks.comae import ComaeTask, arch_mismatch
 from pipeline.train.trainer import StepContext
 
 
@@ -78,3 +79,39 @@ def test_budget_anneals_from_start_to_budget():
     model.budget_now = 0.6
     w = model.select(torch.randn(1, 16, 8), torch.tensor([[3]]))
     assert w.sum().item() / 15 == pytest.approx(0.6, abs=1e-5)
+
+
+def _pointer_logits(head: PointerHead, h: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    rope = rope_2d_tables(pos, torch.ones(pos.shape[:2], dtype=torch.bool), h.shape[-1])
+    return head(h, rope)
+
+
+def test_pointer_scores_content_by_displacement():
+    """A pointer logit depends on the patch's content and its offset from the target's cell:
+    moving the whole grid leaves every logit unchanged, reordering the sequence reorders the
+    logits (no slot is special), and the same content at another offset scores differently."""
+    torch.manual_seed(0)
+    head = PointerHead(16)
+    h = torch.randn(1, 5, 16)  # [cls] + 4 kept patches
+    pos = torch.tensor([[[2, 2], [2, 3], [1, 2], [3, 3], [0, 0]]])
+    ref = _pointer_logits(head, h, pos)
+    assert ref.shape == (1, 4)
+    torch.testing.assert_close(_pointer_logits(head, h, pos + torch.tensor([3, 1])), ref)
+    # swap two patches' sequence slots, each keeping its content and cell
+    swapped_h, swapped_pos = h[:, [0, 4, 2, 3, 1]], pos[:, [0, 4, 2, 3, 1]]
+    torch.testing.assert_close(_pointer_logits(head, swapped_h, swapped_pos), ref[:, [3, 1, 2, 0]])
+    # the same content at another offset scores differently
+    moved = pos.clone()
+    moved[0, 1] = torch.tensor([0, 4])
+    assert not torch.allclose(_pointer_logits(head, h, moved)[0, 0], ref[0, 0])
+
+
+def test_pointer_head_is_an_architecture_field():
+    a = CoMAE(_cfg(), 4, 8).config()
+    b = CoMAE(_cfg(select_head="pointer"), 4, 8).config()
+    assert arch_mismatch(a, b) == ["comae.select_head: 'linear' != 'pointer'"]
+    # a config.json written before the option existed reads as the paper's head
+    old = {**a, "comae": {k: v for k, v in a["comae"].items() if k != "select_head"}}
+    assert arch_mismatch(old, a) == [] and arch_mismatch(old, b) != []
+    with pytest.raises(ValueError):
+        ComaeConfig(select_head="softmax")

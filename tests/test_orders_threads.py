@@ -27,11 +27,12 @@ def threads():
     torch.set_num_threads(before)
 
 
-def test_export_bytes_independent_of_thread_count(tmp_path: Path, threads) -> None:
+@pytest.mark.parametrize("head", ["linear", "pointer"])
+def test_export_bytes_independent_of_thread_count(tmp_path: Path, threads, head: str) -> None:
     store = make_store(tmp_path / "lat.zarr", n=8, grid=8, dim=16)
     torch.manual_seed(0)
     model = CoMAE(ComaeConfig(enc_dim=64, enc_depth=1, enc_heads=4, dec_dim=16, dec_depth=1,
-                              dec_heads=2), 8, 16).eval()
+                              dec_heads=2, select_head=head), 8, 16).eval()
     cfg = CFG.model_copy(update={"images_per_batch": 8, "samples_per_shard": 8})
     got = {}
     for n in (1, 2, 3):

@@ -57,7 +57,8 @@ FORMAT = "cop-comae/1"
 # ComaeConfig fields that define the network that produces w; the rest (lambda, tau_init,
 # targets_per_image, train) shape training only and may differ between trainer and reader.
 ARCH_FIELDS = ("enc_dim", "enc_depth", "enc_heads", "dec_dim", "dec_depth", "dec_heads",
-               "mlp_ratio", "head_layers", "sigma", "budget", "decoder_sees_alpha")
+               "mlp_ratio", "head_layers", "sigma", "budget", "decoder_sees_alpha",
+               "select_head")
 TAU_MIN, TAU_MAX = 1e-2, 1e2
 Half = Literal["encoder", "decoder", "both"]
 
@@ -143,14 +144,18 @@ class _TargetStack(nn.Module):
         trunc_normal_(self.cls)
         trunc_normal_(self.query)
 
-    def forward(self, kept: Tensor, tgt: Tensor, rope: RopeTables) -> Tensor:
+    def forward(self, kept: Tensor, tgt: Tensor, rope: RopeTables,
+                every_token: bool = False) -> Tensor:
         """kept: [S, N-1, D] the tokens of S sequences with their target dropped; tgt: [S]
-        target indices; rope: tables [S, N, hd] for [cls] + kept. Returns [cls] out [S, C]."""
+        target indices; rope: tables [S, N, hd] for [cls] + kept. Returns [cls] out [S, C],
+        or with ``every_token`` the outputs of [cls] + kept [S, N, C]."""
         h = self.embed(kept)  # [S, N-1, C]
         cls = (self.cls + self.query[tgt]).unsqueeze(1).to(h.dtype)  # [S, 1, C]
         h = torch.cat((cls, h), dim=1)  # [S, N, C]
         for blk in self.blocks[:-1]:
             h = blk(h, rope=rope)
+        if every_token:
+            return self.norm(self.blocks[-1](h, rope=rope))  # [S, N, C]
         return self.norm(_cls_only_block(self.blocks[-1], h, rope))  # [S, C]
 
 
@@ -182,6 +187,32 @@ def _cls_only_block(blk: Block, x: Tensor, rope: RopeTables) -> Tensor:
     return h + blk.mlp(blk.norm2(h))
 
 
+class PointerHead(nn.Module):
+    """Selection logits addressed by content (``comae.select_head: pointer``; beyond the paper).
+
+    The paper reads w off the [cls] output with one linear map to N position-indexed logits, so
+    "which patch" must be spelled out by absolute position in [cls]'s features. Here the logit
+    of kept patch j is an attention score between [cls] and patch j's own output,
+    ``<R_n q(cls), R_j k(h_j)> / sqrt(C)`` with the 2-D RoPE rotations R of the target's cell
+    n and of j: it depends on j's content and on its displacement from the target, the two
+    things a dependency can be about.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        if dim % 4:
+            raise ComaeError(f"the pointer head's 2-D RoPE needs a width divisible by 4, got {dim}")
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.bias = nn.Parameter(torch.zeros(()))
+
+    def forward(self, h: Tensor, rope: RopeTables) -> Tensor:
+        """h [S, N, C] = [cls] + kept outputs; rope tables [S, N, C] -> logits [S, N-1]."""
+        q = apply_rope(self.q(h[:, :1]).unsqueeze(1), (rope[0][:, :1], rope[1][:, :1]))
+        k = apply_rope(self.k(h[:, 1:]).unsqueeze(1), (rope[0][:, 1:], rope[1][:, 1:]))
+        return (q @ k.transpose(-2, -1)).squeeze(1).squeeze(1) * h.shape[-1] ** -0.5 + self.bias
+
+
 class CoMAE(nn.Module):
     """Encoder f (selection), noise injection, decoder g (reconstruction) and temperature tau.
 
@@ -199,7 +230,10 @@ class CoMAE(nn.Module):
         self.sigma = cfg.sigma
         self.encoder = _TargetStack(token_dim, N, cfg.enc_dim, cfg.enc_depth, cfg.enc_heads,
                                     cfg.mlp_ratio)
-        self.select_head = nn.Linear(cfg.enc_dim, N)  # [cls] -> N selection logits
+        # [cls] -> N selection logits (paper), or a content-addressed pointer over the kept
+        # patches (comae.select_head: pointer)
+        self.select_head = (PointerHead(cfg.enc_dim) if cfg.select_head == "pointer"
+                            else nn.Linear(cfg.enc_dim, N))
         # With comae.decoder_sees_alpha each noised token carries its alpha as one more channel.
         self.decoder = _TargetStack(token_dim + int(cfg.decoder_sees_alpha), N, cfg.dec_dim, cfg.dec_depth, cfg.dec_heads,
                                     cfg.mlp_ratio)
@@ -276,8 +310,16 @@ class CoMAE(nn.Module):
 
     def _select_seq(self, tokens: Tensor, img: Tensor, tgt: Tensor) -> Tensor:
         """f for S sequences: image img[s] with target tgt[s]. tokens [B, N, D] -> w [S, N]."""
-        h = self.encoder(self._kept(tokens, img, tgt), tgt, self._rope(tgt, self.encoder.head_dim))
-        logits = self.select_head(h).float()  # [S, N]
+        kept = self._kept(tokens, img, tgt)
+        if self.cfg.select_head == "pointer":
+            h = self.encoder(kept, tgt, self._rope(tgt, self.encoder.head_dim), every_token=True)
+            kept_logits = self.select_head(h, self._rope(tgt, h.shape[-1])).float()  # [S, N-1]
+            # the target's own entry is overwritten with w = 0 below
+            logits = kept_logits.new_zeros(len(tgt), self.num_tokens).scatter(
+                1, self.keep[tgt], kept_logits)  # [S, N]
+        else:
+            h = self.encoder(kept, tgt, self._rope(tgt, self.encoder.head_dim))
+            logits = self.select_head(h).float()  # [S, N]
         budget = self.cfg.budget if self.budget_now is None else self.budget_now
         if budget is not None:
             logits = logits - budget_shift(logits, tgt, budget)
@@ -411,6 +453,6 @@ def _call(module: nn.Module, frozen: bool, *args: Tensor) -> Tensor:
 
 
 __all__ = [
-    "ARCH_FIELDS", "CoMAE", "ComaeError", "ResidualMLP", "budget_shift", "contrastive_loss",
+    "ARCH_FIELDS", "CoMAE", "ComaeError", "PointerHead", "ResidualMLP", "budget_shift", "contrastive_loss",
     "mask_entropy", "noise_alpha", "reconstruction_loss",
 ]

@@ -133,7 +133,9 @@ def build_comae(cfg: ComaeConfig, store: Any, seed: int, **extra: Any) -> ComaeT
 def arch_mismatch(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     """Architecture fields (and grid/token dim) that differ between two config.json dicts."""
     out = [f"{k}: {a.get(k)!r} != {b.get(k)!r}" for k in ("grid", "token_dim") if a.get(k) != b.get(k)]
-    ca, cb = a.get("comae", {}), b.get("comae", {})
+    # a field missing from an older config.json holds its default
+    default = ComaeConfig().model_dump(mode="json", by_alias=True)
+    ca, cb = ({**default, **a.get("comae", {})}, {**default, **b.get("comae", {})})
     return out + [f"comae.{k}: {ca.get(k)!r} != {cb.get(k)!r}" for k in ARCH_FIELDS
                   if ca.get(k) != cb.get(k)]
 
