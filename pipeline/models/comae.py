@@ -29,6 +29,9 @@ Choices the paper leaves open:
 * **Weights to read.** :func:`pipeline.tasks.comae.load_comae` prefers
   ``model_ema.safetensors`` when training kept an EMA (``comae.train.ema``), else
   ``model.safetensors``.
+* **Read-out (beyond the paper).** ``comae.select_head: pointer`` scores each kept patch from
+  its own output against [cls]'s (:class:`PointerHead`) instead of the paper's linear map of
+  [cls] to N position-indexed logits; ``linear`` is the paper's (docs/comae-sweep.md).
 * **Temperature.** ``tau = exp(log_tau)``, ``log_tau`` learnable, clamped to [0.01, 100]
   (CLIP's bound on its logit scale) so a runaway temperature cannot blow up the logits.
 """
