@@ -83,7 +83,7 @@ def test_budget_anneals_from_start_to_budget():
 
 def _pointer_logits(head: PointerHead, h: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     rope = rope_2d_tables(pos, torch.ones(pos.shape[:2], dtype=torch.bool), h.shape[-1])
-    return head(h, rope)
+    return head(h[:, 0], h[:, 1:], rope)
 
 
 def test_pointer_scores_content_by_displacement():

@@ -148,18 +148,18 @@ class _TargetStack(nn.Module):
         trunc_normal_(self.query)
 
     def forward(self, kept: Tensor, tgt: Tensor, rope: RopeTables,
-                every_token: bool = False) -> Tensor:
+                with_tokens: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """kept: [S, N-1, D] the tokens of S sequences with their target dropped; tgt: [S]
-        target indices; rope: tables [S, N, hd] for [cls] + kept. Returns [cls] out [S, C],
-        or with ``every_token`` the outputs of [cls] + kept [S, N, C]."""
+        target indices; rope: tables [S, N, hd] for [cls] + kept. Returns [cls] out [S, C];
+        with ``with_tokens`` also the kept tokens as they enter the last block [S, N-1, C]
+        (the last block's token outputs are never computed: only [cls] reads them)."""
         h = self.embed(kept)  # [S, N-1, C]
         cls = (self.cls + self.query[tgt]).unsqueeze(1).to(h.dtype)  # [S, 1, C]
         h = torch.cat((cls, h), dim=1)  # [S, N, C]
         for blk in self.blocks[:-1]:
             h = blk(h, rope=rope)
-        if every_token:
-            return self.norm(self.blocks[-1](h, rope=rope))  # [S, N, C]
-        return self.norm(_cls_only_block(self.blocks[-1], h, rope))  # [S, C]
+        out = self.norm(_cls_only_block(self.blocks[-1], h, rope))  # [S, C]
+        return (out, h[:, 1:]) if with_tokens else out
 
 
 def _cls_only_block(blk: Block, x: Tensor, rope: RopeTables) -> Tensor:
@@ -195,25 +195,29 @@ class PointerHead(nn.Module):
 
     The paper reads w off the [cls] output with one linear map to N position-indexed logits, so
     "which patch" must be spelled out by absolute position in [cls]'s features. Here the logit
-    of kept patch j is an attention score between [cls] and patch j's own output,
-    ``<R_n q(cls), R_j k(h_j)> / sqrt(C)`` with the 2-D RoPE rotations R of the target's cell
-    n and of j: it depends on j's content and on its displacement from the target, the two
-    things a dependency can be about.
+    of kept patch j is an attention score between [cls]'s output and patch j's state,
+    ``<R_n q(cls), R_j k(h_j)> / sqrt(C) + b`` with the 2-D RoPE rotations R of the target's
+    cell n and of j: it depends on j's content and on its displacement from the target, the
+    two things a dependency can be about. h_j is the token as it enters the last block, the
+    same keys the last block's [cls] attends to, so the last block still runs for [cls] only.
     """
 
     def __init__(self, dim: int) -> None:
         super().__init__()
         if dim % 4:
             raise ComaeError(f"the pointer head's 2-D RoPE needs a width divisible by 4, got {dim}")
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.q = nn.Linear(dim, dim)
         self.k = nn.Linear(dim, dim)
         self.bias = nn.Parameter(torch.zeros(()))
 
-    def forward(self, h: Tensor, rope: RopeTables) -> Tensor:
-        """h [S, N, C] = [cls] + kept outputs; rope tables [S, N, C] -> logits [S, N-1]."""
-        q = apply_rope(self.q(h[:, :1]).unsqueeze(1), (rope[0][:, :1], rope[1][:, :1]))
-        k = apply_rope(self.k(h[:, 1:]).unsqueeze(1), (rope[0][:, 1:], rope[1][:, 1:]))
-        return (q @ k.transpose(-2, -1)).squeeze(1).squeeze(1) * h.shape[-1] ** -0.5 + self.bias
+    def forward(self, cls: Tensor, kept: Tensor, rope: RopeTables) -> Tensor:
+        """cls [S, C] (final, normed), kept [S, N-1, C]; rope tables [S, N, C] for [cls] +
+        kept -> logits [S, N-1]."""
+        cos, sin = rope
+        q = apply_rope(self.q(cls)[:, None, None], (cos[:, :1], sin[:, :1]))  # [S, 1, 1, C]
+        k = apply_rope(self.k(self.norm(kept)).unsqueeze(1), (cos[:, 1:], sin[:, 1:]))
+        return (q @ k.transpose(-2, -1))[:, 0, 0] * cls.shape[-1] ** -0.5 + self.bias
 
 
 class CoMAE(nn.Module):
@@ -315,8 +319,9 @@ class CoMAE(nn.Module):
         """f for S sequences: image img[s] with target tgt[s]. tokens [B, N, D] -> w [S, N]."""
         kept = self._kept(tokens, img, tgt)
         if self.cfg.select_head == "pointer":
-            h = self.encoder(kept, tgt, self._rope(tgt, self.encoder.head_dim), every_token=True)
-            kept_logits = self.select_head(h, self._rope(tgt, h.shape[-1])).float()  # [S, N-1]
+            cls, tok = self.encoder(kept, tgt, self._rope(tgt, self.encoder.head_dim),
+                                    with_tokens=True)
+            kept_logits = self.select_head(cls, tok, self._rope(tgt, cls.shape[-1])).float()
             # the target's own entry is overwritten with w = 0 below
             logits = kept_logits.new_zeros(len(tgt), self.num_tokens).scatter(
                 1, self.keep[tgt], kept_logits)  # [S, N]
