@@ -26,7 +26,7 @@ from torch import Tensor
 from pipeline.config import ComaeConfig
 from pipeline.latents.store import LatentStore
 from pipeline.metrics import mechanism as mech
-from pipeline.models.comae import CoMAE
+from pipeline.models.comae import CoMAE, reconstruction_loss
 
 IMAGES, TARGETS = 8, 8  # per step: 8 images x 8 targets, as the default CoMAE
 
@@ -67,14 +67,7 @@ def target_tokens(tokens: Tensor, targets: Tensor) -> Tensor:
 def selection_logits(model: CoMAE, tokens: Tensor, targets: Tensor) -> Tensor:
     """f's pre-tanh logits [B*T, N] with the target's own entry at -1e4."""
     img, tgt = model._flat(targets)
-    kept = model._kept(tokens, img, tgt)
-    rope = model._rope(tgt, model.encoder.head_dim)
-    if model.cfg.select_head == "pointer":
-        cls, tok = model.encoder(kept, tgt, rope, with_tokens=True)
-        scores = model.select_head(cls, tok, model._rope(tgt, cls.shape[-1]))
-        return torch.full((len(tgt), model.num_tokens), -1e4).scatter(1, model.keep[tgt], scores)
-    return model.select_head(model.encoder(kept, tgt, rope)).float().scatter(
-        1, tgt.unsqueeze(1), -1e4)
+    return model.selection_logits(tokens, img, tgt).scatter(1, tgt.unsqueeze(1), -1e4)
 
 
 def one_hot(n: int, positions: Tensor) -> Tensor:
@@ -95,7 +88,7 @@ def train_g(model: CoMAE, grids: Grids, steps: int, selections: str, gen: torch.
             w = (torch.rand(IMAGES, TARGETS, grids.n, generator=gen) < 0.125).float()
         eps = torch.randn(IMAGES, TARGETS, grids.n - 1, grids.dim, generator=gen)
         recon = model.reconstruct(model.noise(tokens, targets, w, eps), targets)
-        loss = (target_tokens(tokens, targets) - recon).abs().sum(-1).mean()
+        loss = reconstruction_loss(target_tokens(tokens, targets), recon)
         opt.zero_grad()
         loss.backward()
         opt.step()

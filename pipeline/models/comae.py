@@ -315,19 +315,21 @@ class CoMAE(nn.Module):
         """tokens [B, N, D] -> the kept tokens [S, N-1, D] of sequence s = (img[s], tgt[s])."""
         return tokens[img.unsqueeze(1), self.keep[tgt]]
 
+    def selection_logits(self, tokens: Tensor, img: Tensor, tgt: Tensor) -> Tensor:
+        """f's logits before the budget and tanh, for S sequences (image img[s], target
+        tgt[s]): tokens [B, N, D] -> [S, N] float32 (the target's own entry is meaningless)."""
+        kept = self._kept(tokens, img, tgt)
+        rope = self._rope(tgt, self.encoder.head_dim)
+        if self.cfg.select_head == "linear":
+            return self.select_head(self.encoder(kept, tgt, rope)).float()  # [S, N]
+        cls, tok = self.encoder(kept, tgt, rope, with_tokens=True)
+        kept_logits = self.select_head(cls, tok, self._rope(tgt, cls.shape[-1])).float()
+        return kept_logits.new_zeros(len(tgt), self.num_tokens).scatter(
+            1, self.keep[tgt], kept_logits)  # [S, N]
+
     def _select_seq(self, tokens: Tensor, img: Tensor, tgt: Tensor) -> Tensor:
         """f for S sequences: image img[s] with target tgt[s]. tokens [B, N, D] -> w [S, N]."""
-        kept = self._kept(tokens, img, tgt)
-        if self.cfg.select_head == "pointer":
-            cls, tok = self.encoder(kept, tgt, self._rope(tgt, self.encoder.head_dim),
-                                    with_tokens=True)
-            kept_logits = self.select_head(cls, tok, self._rope(tgt, cls.shape[-1])).float()
-            # the target's own entry is overwritten with w = 0 below
-            logits = kept_logits.new_zeros(len(tgt), self.num_tokens).scatter(
-                1, self.keep[tgt], kept_logits)  # [S, N]
-        else:
-            h = self.encoder(kept, tgt, self._rope(tgt, self.encoder.head_dim))
-            logits = self.select_head(h).float()  # [S, N]
+        logits = self.selection_logits(tokens, img, tgt)
         budget = self.cfg.budget if self.budget_now is None else self.budget_now
         if budget is not None:
             logits = logits - budget_shift(logits, tgt, budget)
@@ -461,6 +463,6 @@ def _call(module: nn.Module, frozen: bool, *args: Tensor) -> Tensor:
 
 
 __all__ = [
-    "ARCH_FIELDS", "CoMAE", "ComaeError", "PointerHead", "ResidualMLP", "budget_shift", "contrastive_loss",
-    "mask_entropy", "noise_alpha", "reconstruction_loss",
+    "ARCH_FIELDS", "CoMAE", "ComaeError", "PointerHead", "ResidualMLP", "budget_shift",
+    "contrastive_loss", "mask_entropy", "noise_alpha", "reconstruction_loss",
 ]
