@@ -173,6 +173,8 @@ def show_params(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) ->
 
 
 def _hint(err: BaseException, command: str) -> str:
+    if getattr(err, "hint", None):  # an error that knows what the user should do
+        return err.hint
     if isinstance(err, TyperException):
         return f"`{command} --help` lists the options"
     if isinstance(err, ParamsError):

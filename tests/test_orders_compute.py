@@ -92,6 +92,11 @@ def test_compute_folder_then_resume(tmp_path: Path, trained: dict[str, Path]) ->
     assert np.array_equal(co.order(0), collapse_order(pagerank_torch(A, tol=CFG.tol))[0].numpy())
     text = "\n".join(lines)
     assert "prepared 5 images (32 px center crops)" in text and "skipped 1: 1 not_an_image" in text
+    listed = out / ".compute/images/skipped.jsonl"  # the log says where each skip is explained
+    assert f"(each file and why: {listed})" in text
+    skip = json.loads(listed.read_text())
+    assert skip["source"].endswith("broken.jpg") and "BytesIO" not in skip["detail"], skip
+    assert skip["detail"] == "no image format recognised in 13 bytes starting b'\\xff\\xd8 not r'"
     assert "orders of 5 images in 2 shards" in text and "images/s" in text
     # a rerun reuses everything; a new photo redoes the work for the new set
     before = (out / "orders-000000.tar").read_bytes()
@@ -131,3 +136,19 @@ def test_cli_and_tokenizer_check(tmp_path: Path, trained: dict[str, Path], monke
     make_store(tmp_path / "data/latents/train.zarr", n=2, grid=GRID, dim=DIM)
     with pytest.raises(ComputeError, match="not the one of .*train.zarr"):
         compute_orders(photos, tmp_path / "x", comae=trained["comae"], tokenizer=trained["tokenizer"])
+
+
+def test_missing_source_is_named(tmp_path: Path, capsys, monkeypatch) -> None:
+    """A path that is not there is a typo to fix, not a 'bad shard' to skip."""
+    from stages.cli import main
+
+    monkeypatch.delenv("COP_DEBUG", raising=False)  # another test's --debug sets it
+
+    for source, said in [(tmp_path / "nope", f"{tmp_path / 'nope'} does not exist: give a folder"),
+                         (tmp_path / "part-{0..2}.tar", "none of the 3 tars of")]:
+        with pytest.raises(SystemExit) as exit_:
+            main(["orders", "compute", str(source), "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 1 and said in err and "(hint: check the path" in err, err
+        assert len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "o").exists()  # nothing written

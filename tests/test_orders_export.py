@@ -33,6 +33,7 @@ def test_export_round_trip(tmp_path: Path) -> None:
     ref = collapse_order(pagerank_torch(A, tol=CFG.tol))[0].numpy()
     assert np.array_equal(co.order(5), ref) and np.array_equal(co.order(store.keys[5]), ref)
     assert co.scores(5).dtype == np.float32 and co.matrix(5).dtype == np.float16
+    # matrices are stored in float16: 11-bit mantissa, 4.9e-4 at values up to 1
     assert np.allclose(co.matrix(5), A[0].numpy(), atol=1e-3)
     assert co.orders_for(store.keys[:3], flip=True).shape == (3, 16)
     # class orders: mean scores of the class's images

@@ -34,8 +34,8 @@ from pipeline.data.sources import (Entry, Plan, expand_urls, folder_plan, imagef
                                    skip)
 from pipeline.data.synthetic import class_names, synthetic_keys
 from pipeline.data.units import (  # noqa: F401 - PrepareError is part of this module's API
-    Encoding, FileLoader, PrepareError, ShardJob, StagedLoader, StageJob, SyntheticLoader, build_shard, call_job,
-    stage_run, strict_error,
+    Encoding, FileLoader, PrepareError, ShardJob, SourceNotFound, StagedLoader, StageJob,
+    SyntheticLoader, build_shard, call_job, stage_run, strict_error,
 )
 from pipeline.utils.dist import DistInfo, barrier, get_dist, units_for_rank
 from pipeline.utils.io import atomic_write_text, read_json, sha256_json
@@ -221,6 +221,7 @@ def prepare_source(source: str | Path, split_dir: str | Path, cfg: DataConfig, s
     split_dir = Path(split_dir)
     info = info or get_dist()
     source = str(source)
+    check_source_exists(source)
     listing = source_listing_of(source)
     data = params_dict(cfg)
     for k in ("num_workers", "source", "root", "train_urls", "val_urls", "synthetic"):
@@ -250,6 +251,20 @@ def prepare_source(source: str | Path, split_dir: str | Path, cfg: DataConfig, s
         raise PrepareError(f"{source}: no usable image (skipped: "
                            f"{dict(Counter(s['reason'] for s in plan.skipped))})")
     return _build_split(split_dir, split, plan, loader, classes, cfg, fp, info, desc)
+
+
+def check_source_exists(source: str) -> None:
+    """A local path that is neither a folder nor (after brace expansion) any existing tar is a
+    typo, not a set of bad shards: say so before anything is written."""
+    if Path(source).is_dir() or "://" in source or source.startswith("pipe:"):
+        return
+    urls = expand_urls(source)
+    if any(Path(u).exists() for u in urls):
+        return
+    if len(urls) == 1 and urls[0] == source:
+        raise SourceNotFound(f"{source} does not exist: give a folder of images (any layout) or "
+                             "a tar pattern such as 'shards/part-{0000..0009}.tar'")
+    raise SourceNotFound(f"none of the {len(urls)} tars of {source!r} exists (the first is {urls[0]})")
 
 
 def _reset_output(out_dir: Path, fp: str, info: DistInfo) -> None:

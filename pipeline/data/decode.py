@@ -104,8 +104,10 @@ def decode_rgb(data: bytes, min_size: int = 0) -> Image.Image:
             img.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise BadImage("decompression_bomb", str(err)) from None
-    except UnidentifiedImageError as err:
-        raise BadImage("not_an_image", str(err)) from None
+    except UnidentifiedImageError:
+        # PIL's message names the BytesIO object (a memory address): say what the bytes are
+        raise BadImage("not_an_image", f"no image format recognised in {len(data)} bytes "
+                                       f"starting {data[:8]!r}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         msg = str(err)
         reason = "truncated" if "truncat" in msg.lower() or isinstance(err, EOFError) else "corrupt"

@@ -30,6 +30,12 @@ class PrepareError(RuntimeError):
     """A bad input under ``data.strict: true`` (names the input and the reason)."""
 
 
+class SourceNotFound(FileNotFoundError):
+    """An image source (folder, file or tar pattern) that is not there."""
+
+    hint = "check the path; `ls` it"
+
+
 def strict_error(s: dict[str, str]) -> PrepareError:
     return PrepareError(f"bad input {s['source']}: {s['reason']}" + (f" ({s['detail']})" if s.get("detail") else ""))
 

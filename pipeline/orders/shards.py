@@ -216,7 +216,10 @@ class CollapseOrders:
             # before it writes the manifest, so a set that fails never opens as finished.
             self.manifest = check_manifest(manifest, str(mpath))
         elif not mpath.exists():
-            raise ShardError(f"{self.path}: no {MANIFEST} (not a shard set, or its export is unfinished)")
+            err = ShardError(f"{self.path}: no {MANIFEST} (not a shard set, or its export is unfinished)")
+            err.hint = ("give the folder that `cop orders compute --out`, `export_orders` (data/orders/<split>) "
+                        "or `cop orders fetch --dest` wrote; rerun that command if it was interrupted")
+            raise err
         else:
             self.manifest = check_manifest(read_json(mpath), str(mpath))
         m = self.manifest

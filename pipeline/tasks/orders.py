@@ -78,7 +78,7 @@ def compute_orders(images: str | Path, out: str | Path, *, comae: str | Path = "
                    orders_cfg: OrdersConfig | None = None, batch_size: int = 32,
                    log: Callable[[str], None] | None = None) -> ComputeResult:
     """Prepare, tokenize and export ``images`` into the shard set ``out`` (see module doc)."""
-    from pipeline.data.build import prepare_source
+    from pipeline.data.build import check_source_exists, prepare_source
     from pipeline.data.imageset import ImageSet
     from pipeline.latents.store import LatentStore
     from pipeline.latents.writer import extract_latents
@@ -86,6 +86,7 @@ def compute_orders(images: str | Path, out: str | Path, *, comae: str | Path = "
     from pipeline.orders.export import export_split
     from pipeline.utils.device import pick_device
 
+    check_source_exists(str(images))  # before any model is loaded or file written
     out = Path(out)
     say = log or (lambda _msg: None)
     device = pick_device()
@@ -100,7 +101,8 @@ def compute_orders(images: str | Path, out: str | Path, *, comae: str | Path = "
     skipped = dict(sorted(Counter(json.loads(x)["reason"] for x in lines if x.strip()).items()))
     say(f"prepared {index['count']} images ({crop} px center crops) from {images}"
         + (f"; skipped {sum(skipped.values())}: "
-           + ", ".join(f"{n} {r}" for r, n in skipped.items()) if skipped else ""))
+           + ", ".join(f"{n} {r}" for r, n in skipped.items())
+           + f" (each file and why: {out / WORK / SPLIT / 'skipped.jsonl'})" if skipped else ""))
 
     encode = TokenizerConfig(kind=tok.kind, checkpoint=str(tokenizer) if tok.kind == "kl16" else None,
                              batch_size=batch_size, precision="fp32", channels_last=False)
