@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 from pipeline.config import ComaeConfig  # noqa: E402
 from pipeline.models import layers  # noqa: E402
 from pipeline.models.comae import CoMAE, contrastive_loss, reconstruction_loss  # noqa: E402
+from pipeline.tasks.comae import comae_arch  # noqa: E402
 
 PAPER = dict(enc_dim=256, enc_depth=12, enc_heads=4, dec_dim=64, dec_depth=12, dec_heads=4)
 DEFAULT = dict(enc_dim=64, enc_depth=4, enc_heads=4, dec_dim=32, dec_depth=4, dec_heads=4)
@@ -106,7 +107,7 @@ def bench_dependency(targets: int, repeats: int) -> list[dict]:
     grid, token_dim = 16, 16
     N = grid * grid
     torch.manual_seed(0)
-    model = CoMAE(ComaeConfig(**PAPER), grid, token_dim).eval()
+    model = CoMAE(comae_arch(ComaeConfig(**PAPER), grid, token_dim)).eval()
     tokens = torch.randn(1, N, token_dim)
     img = torch.zeros(targets, dtype=torch.long)
     tgt = torch.arange(targets)
@@ -139,7 +140,7 @@ def bench_training(name: str, arch: dict, grid: int, images: int, targets: int, 
     N = grid * grid
     torch.manual_seed(0)
     cfg = ComaeConfig(**arch, targets_per_image=targets)
-    model = CoMAE(cfg, grid, token_dim).train()
+    model = CoMAE(comae_arch(cfg, grid, token_dim)).train()
     opts = {"encoder": torch.optim.AdamW(model.encoder_parameters(), 1e-4),
             "decoder": torch.optim.AdamW(model.decoder_parameters(), 1e-4)}
     tokens = torch.randn(images, N, token_dim)

@@ -36,9 +36,9 @@ import zarr
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.config import ComaeConfig, OrdersConfig  # noqa: E402
+from pipeline.config import OrdersConfig  # noqa: E402
 from pipeline.latents.store import LatentStore, create_store  # noqa: E402
-from pipeline.models.comae import CoMAE  # noqa: E402
+from pipeline.models.comae import CoMAE, ComaeArch  # noqa: E402
 from pipeline.orders.export import collapse_order, export_split, to_sequences  # noqa: E402
 from pipeline.utils.device import resolve_precision  # noqa: E402
 from pipeline.orders.pagerank import kendall_tau, pagerank_torch  # noqa: E402
@@ -119,7 +119,7 @@ def make_store(path: Path, n: int, grid: int, dim: int, seed: int = 0) -> Latent
 
 def default_comae(grid: int, dim: int) -> CoMAE:
     torch.manual_seed(0)
-    return CoMAE(ComaeConfig(), grid, dim).eval()
+    return CoMAE(ComaeArch(grid, dim)).eval()
 
 
 @torch.no_grad()
@@ -151,7 +151,7 @@ def bench_export(n_fast: int, n_ref: int, grid: int, dim: int, ipb: int) -> dict
         t_ref = time.perf_counter() - t
         taus = [kendall_tau(fast.order(i), o) for i, o in enumerate(ref_orders)]
     fast_ips, ref_ips = 2 * n_fast / t_fast, n_ref / t_ref
-    return {"grid": grid, "dim": dim, "N": grid * grid, "comae": "default ComaeConfig, random init",
+    return {"grid": grid, "dim": dim, "N": grid * grid, "comae": "default ComaeArch, random init",
             "images_per_batch": ipb, "precision": str(amp),
             "export_images": 2 * n_fast, "export_s": t_fast, "export_images_per_s": fast_ips,
             "reference_images": n_ref, "reference_s": t_ref, "reference_images_per_s": ref_ips,

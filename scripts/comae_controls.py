@@ -23,10 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.config import ComaeConfig
 from pipeline.latents.store import LatentStore
 from pipeline.metrics import mechanism as mech
-from pipeline.models.comae import CoMAE, reconstruction_loss
+from pipeline.models.comae import CoMAE, ComaeArch, reconstruction_loss
 
 IMAGES, TARGETS = 8, 8  # per step: 8 images x 8 targets, as the default CoMAE
 
@@ -104,8 +103,8 @@ def score(model: CoMAE, grids: Grids) -> str:
 
 def supervised(args: argparse.Namespace, train: Grids, val: Grids, gen: torch.Generator) -> None:
     """f alone, cross-entropy straight to the true source: can f infer the mechanism at all?"""
-    model = CoMAE(ComaeConfig(enc_dim=args.enc_dim, enc_depth=args.enc_depth, enc_heads=4,
-                              select_head=args.head), train.grid, train.dim)
+    model = CoMAE(ComaeArch(train.grid, train.dim, enc_dim=args.enc_dim, enc_depth=args.enc_depth,
+                            enc_heads=4, select_head=args.head))
     opt = torch.optim.AdamW(model.encoder_parameters(), lr=1e-3, weight_decay=0.05)
     for step in range(args.steps):
         cosine_lr(opt, 1e-3, step, args.steps)
@@ -123,7 +122,7 @@ def supervised(args: argparse.Namespace, train: Grids, val: Grids, gen: torch.Ge
 
 def gradient(args: argparse.Namespace, train: Grids, val: Grids, gen: torch.Generator) -> None:
     """Train g on fixed selections, freeze it, and ask where dL_r/dw points at a uniform w."""
-    model = CoMAE(ComaeConfig(dec_dim=32, dec_heads=4, decoder_sees_alpha=True), train.grid, train.dim)
+    model = CoMAE(ComaeArch(train.grid, train.dim, dec_dim=32, dec_heads=4, decoder_sees_alpha=True))
     train_g(model, train, args.steps, args.g_train, gen)
     model.eval()
     idx = torch.arange(min(256, len(val.seq)))
@@ -153,9 +152,9 @@ def gradient(args: argparse.Namespace, train: Grids, val: Grids, gen: torch.Gene
 
 def reinforce(args: argparse.Namespace, train: Grids, val: Grids, gen: torch.Generator) -> None:
     """A copy-capable g, frozen; f learns by sampling one patch and being rewarded by -L_r."""
-    model = CoMAE(ComaeConfig(enc_dim=args.enc_dim, enc_depth=args.enc_depth, enc_heads=4,
-                              dec_dim=32, dec_heads=4, decoder_sees_alpha=True,
-                              select_head=args.head), train.grid, train.dim)
+    model = CoMAE(ComaeArch(train.grid, train.dim, enc_dim=args.enc_dim, enc_depth=args.enc_depth,
+                            enc_heads=4, dec_dim=32, dec_heads=4, decoder_sees_alpha=True,
+                            select_head=args.head))
     train_g(model, train, args.g_steps, "oracle", gen)
     opt = torch.optim.AdamW(model.encoder_parameters(), lr=args.lr, weight_decay=0.05)
     for step in range(args.steps):

@@ -37,7 +37,7 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
     info = init_distributed()
     try:
         store = LatentStore(pretrain_split(data_dir / "latents", ".zarr"), in_memory=True)
-        model, _ = build_cmar(cfg, store)
+        model, _ = build_cmar(cfg, store, seed=params.seed)
         task = CmarTask(model, cfg, store.scale_factor, extra_config={"stage": "pretrain_mar"})
         dataset = CmarDataset(TokenGridDataset(store), with_moments=cfg.posterior_sample)
         trainer = Trainer(task, dataset, cfg.pretrain, out_dir, inputs={"latents": store.identity},

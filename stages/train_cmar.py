@@ -44,7 +44,8 @@ def run(params: Params, variant: str = "cmar", data_dir: Path | str = Path("data
         if cfg.sample_order == "class" and orders.class_orders is None:
             raise ValueError(f"{orders.path} has no class-level orders; eval needs them for "
                              "cmar.sample_order=class")
-        model, pre = build_cmar(cfg, store, init=None if cfg.pretrained else data_dir / "pretrain_mar")
+        model, pre = build_cmar(cfg, store, init=None if cfg.pretrained else data_dir / "pretrain_mar",
+                                seed=params.seed)
         if orders.grid != model.grid:
             raise ValueError(f"orders are for a {orders.grid}x{orders.grid} grid, the model has "
                              f"{model.grid}x{model.grid}")

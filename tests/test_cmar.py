@@ -207,3 +207,26 @@ def test_eval_helpers():
     assert g.shape == (3 * 5 + 1, 2 * 7 + 1, 3)
     assert (g == 7).sum() == 5 * 4 * 6 * 3
     assert safe_name("n01440764/tench fish") == "n01440764_tench_fish"
+
+
+def test_mar_arch_maps_the_cmar_params_and_seeds_the_init():
+    """The cmar params reach MAR under LTH14/mar's names; the initial weights are a function of
+    the seed alone (torch seeds its global generator differently in every process)."""
+    from types import SimpleNamespace
+
+    from pipeline.models.mar import MarArch
+    from pipeline.tasks.cmar import build_cmar, mar_arch
+
+    cfg = cmar_cfg()
+    arch = mar_arch(cfg, GRID, DIM, C)
+    assert (arch.encoder_embed_dim, arch.encoder_depth, arch.encoder_num_heads) == (cfg.enc_dim, cfg.enc_depth, cfg.enc_heads)
+    assert (arch.decoder_embed_dim, arch.decoder_depth, arch.decoder_num_heads) == (cfg.dec_dim, cfg.dec_depth, cfg.dec_heads)
+    assert (arch.diffloss_d, arch.diffloss_w, arch.buffer_size, arch.num_sampling_steps) == (
+        cfg.diffloss_d, cfg.diffloss_w, cfg.buffer_size, cfg.num_sampling_steps)
+    assert build_mar(cfg, GRID, DIM, C).arch == arch and MarArch.from_dict(arch.to_dict()) == arch
+    with pytest.raises(ValueError, match="unknown"):
+        MarArch.from_dict({**arch.to_dict(), "enc_dim": 8})
+    store = SimpleNamespace(classes=list(range(C)), grid=GRID, dim=DIM)
+    a, b, c = (build_cmar(cfg, store, seed=s)[0].state_dict() for s in (1, 1, 2))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)

@@ -16,13 +16,13 @@ from pipeline.config import ComaeConfig, TrainConfig
 from pipeline.models.comae import (
     CoMAE,
     ComaeError,
-    _cls_only_block,
     contrastive_loss,
     mask_entropy,
     noise_alpha,
     reconstruction_loss,
 )
-from pipeline.tasks.comae import ComaeTask, load_comae
+from pipeline.models.comae_blocks import _cls_only_block
+from pipeline.tasks.comae import ComaeTask, comae_arch, load_comae
 from pipeline.train.checkpoint import latest_checkpoint
 from pipeline.train.trainer import NonFiniteError, StepContext, Trainer
 from tests.support import as_rank, free_port
@@ -35,7 +35,7 @@ TINY = dict(enc_dim=16, enc_depth=2, enc_heads=2, dec_dim=16, dec_depth=2, dec_h
 
 def tiny(seed: int = 0, **kw) -> CoMAE:
     torch.manual_seed(seed)
-    return CoMAE(ComaeConfig(**{**TINY, **kw}), GRID, DIM)
+    return CoMAE(comae_arch(ComaeConfig(**{**TINY, **kw}), GRID, DIM))
 
 
 def rand_inputs(B: int = 3, T: int = 4, seed: int = 1):

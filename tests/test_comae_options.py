@@ -8,8 +8,12 @@ import torch
 from pipeline.config import ComaeConfig, TrainConfig
 from pipeline.models.comae import CoMAE, PointerHead, budget_shift
 from pipeline.models.layers import rope_2d_tables
-from pipeline.tasks.comae import ComaeTask, arch_mismatch
+from pipeline.tasks.comae import ComaeTask, arch_mismatch, comae_arch, stored_config
 from pipeline.train.trainer import StepContext
+
+
+def _model(cfg: ComaeConfig) -> CoMAE:
+    return CoMAE(comae_arch(cfg, 4, 8))
 
 
 def _cfg(**kw) -> ComaeConfig:
@@ -20,7 +24,7 @@ def _cfg(**kw) -> ComaeConfig:
 @pytest.mark.parametrize("budget", [0.05, 0.3, 0.9])
 def test_budget_fixes_the_mean_selection(budget):
     torch.manual_seed(0)
-    model = CoMAE(_cfg(budget=budget), 4, 8)
+    model = _model(_cfg(budget=budget))
     w = model.select(torch.randn(3, 16, 8), torch.tensor([[0, 5, 9], [1, 2, 15], [7, 8, 3]]))
     assert (w[torch.arange(3)[:, None], torch.arange(3), torch.tensor([[0, 5, 9], [1, 2, 15], [7, 8, 3]])] == 0).all()
     # the shift: 40 bisection halvings and a Newton step, exact to fp32 resolution of the mean (~1e-7)
@@ -45,7 +49,7 @@ def test_budget_is_an_architecture_field():
 def test_w_shuffle_moves_weights_but_never_onto_the_target():
     torch.manual_seed(0)
     cfg = _cfg(w_shuffle=1.0)
-    model = CoMAE(cfg, 4, 8)
+    model = _model(cfg)
     task = ComaeTask(model, cfg)
     seen = {}
 
@@ -58,11 +62,9 @@ def test_w_shuffle_moves_weights_but_never_onto_the_target():
     batch = {"tokens": torch.randn(2, 8, 4, 4), "tokens_flip": torch.randn(2, 8, 4, 4)}
     task.loss(model, batch, ctx)  # step 0 = a decoder step: every row shuffled
     assert seen["noised"].shape == (2, 3, 15, 8)
-    # The task's permutation keeps the target in place: check the construction directly.
+    # The model's permutation keeps the target in place.
     targets = torch.tensor([[0, 5, 9]])
-    kept = model.keep[targets]
-    moved = torch.gather(kept, 2, torch.rand(1, 3, 15).argsort(-1))
-    perm = torch.arange(16).repeat(1, 3, 1).scatter(2, kept, moved)
+    perm = model.shuffle_perm(targets, torch.rand(1, 3, 15))
     assert (perm.gather(2, targets.unsqueeze(-1)).squeeze(-1) == targets).all()
     assert (perm.sort(-1).values == torch.arange(16)).all()
 
@@ -70,16 +72,16 @@ def test_w_shuffle_moves_weights_but_never_onto_the_target():
 def test_budget_anneals_from_start_to_budget():
     cfg = _cfg(budget=0.1, budget_start=0.9, budget_anneal=0.5,
                train=TrainConfig(steps=100))
-    task = ComaeTask(CoMAE(cfg, 4, 8), cfg)
+    task = ComaeTask(_model(cfg), cfg)
     assert task.budget_at(0) == pytest.approx(0.9)
     assert task.budget_at(25) == pytest.approx(0.5)
     assert task.budget_at(50) == pytest.approx(0.1) and task.budget_at(99) == pytest.approx(0.1)
-    constant = ComaeTask(CoMAE(_cfg(budget=0.2), 4, 8), _cfg(budget=0.2))
+    constant = ComaeTask(_model(_cfg(budget=0.2)), _cfg(budget=0.2))
     assert constant.budget_at(0) == constant.budget_at(99) == 0.2
-    # The model reads the annealed value while training, its configured budget otherwise.
+    # The model reads the budget it is passed (the task's annealed value while training), its
+    # configured budget otherwise.
     model = task.model
-    model.budget_now = 0.6
-    w = model.select(torch.randn(1, 16, 8), torch.tensor([[3]]))
+    w = model.select(torch.randn(1, 16, 8), torch.tensor([[3]]), budget=0.6)
     # as above: the shift is exact to fp32 resolution
     assert w.sum().item() / 15 == pytest.approx(0.6, abs=1e-5)
 
@@ -110,8 +112,8 @@ def test_pointer_scores_content_by_displacement():
 
 
 def test_pointer_head_is_an_architecture_field():
-    a = CoMAE(_cfg(), 4, 8).config()
-    b = CoMAE(_cfg(select_head="pointer"), 4, 8).config()
+    a = stored_config(_cfg(), 4, 8)
+    b = stored_config(_cfg(select_head="pointer"), 4, 8)
     assert arch_mismatch(a, b) == ["comae.select_head: 'linear' != 'pointer'"]
     # a config.json written before the option existed reads as the paper's head
     old = {**a, "comae": {k: v for k, v in a["comae"].items() if k != "select_head"}}

@@ -40,3 +40,16 @@ def test_imports_run_one_way():
                 if RANK[theirs] <= RANK[mine]:
                     bad.append(f"{path.relative_to(REPO)}: imports {target}")
     assert not bad, "imports against the layering:\n" + "\n".join(bad)
+
+
+def test_networks_are_built_from_their_own_arch():
+    """A network is built from an arch dataclass of its module (``ComaeArch``, ``MarArch``,
+    ``VitArch``, ``JudgeArch``), as nanoGPT's from ``GPTConfig``: ``pipeline/models`` never reads
+    the params schema; the tasks map params onto archs."""
+    bad = []
+    for path in sorted(REPO.glob("pipeline/models/*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+            bad += [f"{path.name}: imports {n}" for n in names if n == "pipeline.config"]
+    assert not bad, bad

@@ -19,6 +19,7 @@ from stages.cli import app
 from pipeline.config import ComaeConfig, OrdersConfig
 from pipeline.data.imageset import ImageSet
 from pipeline.models.comae import CoMAE
+from pipeline.tasks.comae import comae_arch, stored_config
 from pipeline.tasks.orders import ComputeError, compute_orders
 from pipeline.orders.pagerank import collapse_order, pagerank_torch
 from pipeline.orders.shards import CollapseOrders
@@ -47,10 +48,11 @@ def trained(tmp_path: Path) -> dict[str, Path]:
     tok = PatchTokenizer(PATCH, DIM).fit(rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8))
     tok.save(tmp_path / "data/latents/tokenizer")
     torch.manual_seed(0)
-    model = CoMAE(ComaeConfig(enc_dim=16, enc_depth=1, enc_heads=2, dec_dim=16, dec_depth=1,
-                              dec_heads=2, head_layers=1), GRID, DIM)
+    cfg = ComaeConfig(enc_dim=16, enc_depth=1, enc_heads=2, dec_dim=16, dec_depth=1, dec_heads=2,
+                      head_layers=1)
+    model = CoMAE(comae_arch(cfg, GRID, DIM))
     (tmp_path / "data/comae").mkdir(parents=True)
-    (tmp_path / "data/comae/config.json").write_text(json.dumps({"task": model.config()}))
+    (tmp_path / "data/comae/config.json").write_text(json.dumps({"task": stored_config(cfg, GRID, DIM)}))
     save_file(model.state_dict(), str(tmp_path / "data/comae/model.safetensors"))
     return {"comae": tmp_path / "data/comae", "tokenizer": tmp_path / "data/latents/tokenizer"}
 

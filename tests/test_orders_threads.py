@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import ComaeConfig
-from pipeline.models.comae import CoMAE
+from pipeline.models.comae import CoMAE, ComaeArch
 from pipeline.orders.export import export_split
 from tests.orders_data import CFG, COMAE_ID, set_bytes
 from tests.orders_data import make_store
@@ -31,8 +30,8 @@ def threads():
 def test_export_bytes_independent_of_thread_count(tmp_path: Path, threads, head: str) -> None:
     store = make_store(tmp_path / "lat.zarr", n=8, grid=8, dim=16)
     torch.manual_seed(0)
-    model = CoMAE(ComaeConfig(enc_dim=64, enc_depth=1, enc_heads=4, dec_dim=16, dec_depth=1,
-                              dec_heads=2, select_head=head), 8, 16).eval()
+    model = CoMAE(ComaeArch(grid=8, token_dim=16, enc_dim=64, enc_depth=1, enc_heads=4, dec_dim=16,
+                            dec_depth=1, dec_heads=2, select_head=head)).eval()
     cfg = CFG.model_copy(update={"images_per_batch": 8, "samples_per_shard": 8})
     got = {}
     for n in (1, 2, 3):
@@ -46,8 +45,8 @@ def test_resume_under_another_thread_count_gives_the_same_set(tmp_path: Path, th
     """A run killed under 1 thread and finished under 2 equals a clean run."""
     store = make_store(tmp_path / "lat.zarr", n=16, grid=8, dim=16)
     torch.manual_seed(0)
-    model = CoMAE(ComaeConfig(enc_dim=64, enc_depth=1, enc_heads=4, dec_dim=16, dec_depth=1,
-                              dec_heads=2), 8, 16).eval()
+    model = CoMAE(ComaeArch(grid=8, token_dim=16, enc_dim=64, enc_depth=1, enc_heads=4, dec_dim=16,
+                            dec_depth=1, dec_heads=2)).eval()
     cfg = CFG.model_copy(update={"images_per_batch": 8, "samples_per_shard": 8})
     threads(1)
     export_split(store, model, COMAE_ID, cfg, tmp_path / "clean", "train")

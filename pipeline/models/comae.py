@@ -23,6 +23,10 @@ Choices the paper leaves open:
 * **Units.** ``L_r`` is the L1 norm over the token channels (paper: 8.39 / 1.57 on 16-dim
   KL-16 tokens), averaged over (image, target) samples. ``H_mask`` sums ``-w log w`` over all N
   entries of a selection vector and averages over the M (image, target) samples.
+* **Arguments, not state.** The network is built from a frozen :class:`ComaeArch` (as
+  nanoGPT's ``GPTConfig``; ``pipeline.tasks.comae.comae_arch`` maps the ``comae`` params onto
+  it). ``forward`` depends on its arguments only: the training task passes the step's
+  selection budget (``budget=``) and the random numbers of ``w_shuffle`` (``shuffle=``).
 * **Alternation.** ``forward(..., update=)``: "decoder" runs f without autograd (w constant),
   "encoder" runs g on detached parameters (gradient reaches w through g, none reaches g's
   weights); :mod:`pipeline.tasks.comae` picks g on even steps, f on odd steps.
@@ -39,6 +43,7 @@ Choices the paper leaves open:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 import torch
@@ -46,28 +51,39 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from pipeline.config import ComaeConfig
-from pipeline.models.layers import (
-    Block,
-    RopeTables,
-    apply_rope,
-    init_vit_weights,
-    rope_2d_tables,
-    trunc_normal_,
-)
+from pipeline.models.comae_blocks import ComaeError, PointerHead, ResidualMLP, _TargetStack
+from pipeline.models.layers import RopeTables, init_vit_weights, rope_2d_tables
 
 FORMAT = "cop-comae/1"
-# ComaeConfig fields that define the network that produces w; the rest (lambda, tau_init,
-# targets_per_image, train) shape training only and may differ between trainer and reader.
-ARCH_FIELDS = ("enc_dim", "enc_depth", "enc_heads", "dec_dim", "dec_depth", "dec_heads",
-               "mlp_ratio", "head_layers", "sigma", "budget", "decoder_sees_alpha",
-               "select_head")
 TAU_MIN, TAU_MAX = 1e-2, 1e2
 Half = Literal["encoder", "decoder", "both"]
 
 
-class ComaeError(ValueError):
-    """CoMAE input or weights that cannot be used: wrong grid/dim, other config, NaN/inf."""
+@dataclass(frozen=True)
+class ComaeArch:
+    """Everything the network is built from. ``grid`` and ``token_dim`` come from the latent
+    store (N = grid^2 tokens, row-major); the rest from the ``comae`` params (same names)."""
+
+    grid: int
+    token_dim: int
+    enc_dim: int = 64
+    enc_depth: int = 4
+    enc_heads: int = 4
+    dec_dim: int = 32
+    dec_depth: int = 4
+    dec_heads: int = 4
+    mlp_ratio: float = 4.0
+    head_layers: int = 4  # residual MLP blocks after g
+    sigma: float = 0.5  # eq. 4
+    budget: float | None = None  # the mean of w a trained f reads with (None: unconstrained)
+    decoder_sees_alpha: bool = False
+    select_head: Literal["linear", "pointer"] = "linear"
+    tau_init: float = 0.1  # initial value of tau: shapes the initial weights, not the network
+
+
+# The fields that decide which network produces w (two runs that differ elsewhere -- lambda,
+# tau_init, targets, training -- still give interchangeable models).
+ARCH_FIELDS = tuple(f.name for f in fields(ComaeArch) if f.name not in ("grid", "token_dim", "tau_init"))
 
 
 # ----------------------------------------------------------------------------- eq. 4, 6, 7
@@ -103,123 +119,6 @@ def mask_entropy(w: Tensor, eps: float = 1e-12) -> Tensor:
     return -(w * w.clamp_min(eps).log()).sum(-1).mean()
 
 
-# ----------------------------------------------------------------------------- modules
-
-
-class ResidualMLP(nn.Module):
-    """The decoder's head: ``layers`` pre-norm residual MLP blocks (MAR's ResBlock without
-    adaLN), then LayerNorm + Linear to the token dim."""
-
-    def __init__(self, dim: int, out_dim: int, layers: int) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(
-            nn.Sequential(nn.LayerNorm(dim, eps=1e-6), nn.Linear(dim, dim), nn.SiLU(),
-                          nn.Linear(dim, dim))
-            for _ in range(layers)
-        )
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.out = nn.Linear(dim, out_dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        for blk in self.blocks:
-            x = x + blk(x)
-        return self.out(self.norm(x))
-
-
-class _TargetStack(nn.Module):
-    """Shared body of f and g: embed the kept tokens, prepend ``[cls] + q_n``, run pre-norm
-    RoPE blocks and return the final-norm ``[cls]`` output."""
-
-    def __init__(self, token_dim: int, num_tokens: int, dim: int, depth: int, heads: int,
-                 mlp_ratio: float) -> None:
-        super().__init__()
-        self.embed = nn.Linear(token_dim, dim)
-        self.cls = nn.Parameter(torch.zeros(1, dim))
-        self.query = nn.Parameter(torch.zeros(num_tokens, dim))  # q_n, one row per target
-        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(depth))
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.head_dim = dim // heads
-        if self.head_dim % 4:
-            raise ComaeError(f"2-D RoPE needs width/heads divisible by 4, got {dim}/{heads}")
-
-    def init_weights(self) -> None:
-        self.apply(init_vit_weights)
-        trunc_normal_(self.cls)
-        trunc_normal_(self.query)
-
-    def forward(self, kept: Tensor, tgt: Tensor, rope: RopeTables,
-                with_tokens: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        """kept: [S, N-1, D] the tokens of S sequences with their target dropped; tgt: [S]
-        target indices; rope: tables [S, N, hd] for [cls] + kept. Returns [cls] out [S, C];
-        with ``with_tokens`` also the kept tokens as they enter the last block [S, N-1, C]
-        (the last block's token outputs are never computed: only [cls] reads them)."""
-        h = self.embed(kept)  # [S, N-1, C]
-        cls = (self.cls + self.query[tgt]).unsqueeze(1).to(h.dtype)  # [S, 1, C]
-        h = torch.cat((cls, h), dim=1)  # [S, N, C]
-        for blk in self.blocks[:-1]:
-            h = blk(h, rope=rope)
-        out = self.norm(_cls_only_block(self.blocks[-1], h, rope))  # [S, C]
-        return (out, h[:, 1:]) if with_tokens else out
-
-
-def _cls_only_block(blk: Block, x: Tensor, rope: RopeTables) -> Tensor:
-    """``blk(x, rope)[:, 0]`` computed for the [cls] row only: [S, L, C] -> [S, C].
-
-    Only the [cls] output of the last block is used, so its query, output projection and MLP
-    are computed for one row instead of L (the keys and values still need every token). This
-    saves ~5/6 of the last block; a test checks it against ``Block.forward``.
-    """
-    attn = blk.attn
-    S, L, C = x.shape
-    H, hd = attn.num_heads, attn.head_dim
-    y = blk.norm1(x)
-    # Split the fused qkv weight so q is computed for the [cls] row only.
-    w_q, w_kv = attn.qkv.weight[:C], attn.qkv.weight[C:]
-    b_q, b_kv = (None, None) if attn.qkv.bias is None else (attn.qkv.bias[:C], attn.qkv.bias[C:])
-    q = F.linear(y[:, :1], w_q, b_q).reshape(S, 1, H, hd).transpose(1, 2)  # [S, H, 1, hd]
-    kv = F.linear(y, w_kv, b_kv).reshape(S, L, 2, H, hd).permute(2, 0, 3, 1, 4)
-    k, v = kv.unbind(0)  # [S, H, L, hd]
-    cos, sin = rope
-    q = apply_rope(q, (cos[:, :1], sin[:, :1])).to(v.dtype)
-    k = apply_rope(k, rope).to(v.dtype)
-    # One query row: softmax(q kᵀ / √hd) v written out. The fused CPU SDPA kernel's
-    # single-query path changes the last bits with the intra-op thread count, which made
-    # exported scores depend on it; these matmuls are row-local (docs/architecture.md).
-    o = (q @ k.transpose(-2, -1)).mul_(hd ** -0.5).softmax(-1) @ v  # [S, H, 1, hd]
-    h = x[:, 0] + attn.proj(o.reshape(S, C))  # [S, C]
-    return h + blk.mlp(blk.norm2(h))
-
-
-class PointerHead(nn.Module):
-    """Selection logits addressed by content (``comae.select_head: pointer``; beyond the paper).
-
-    The paper reads w off the [cls] output with one linear map to N position-indexed logits, so
-    "which patch" must be spelled out by absolute position in [cls]'s features. Here the logit
-    of kept patch j is an attention score between [cls]'s output and patch j's state,
-    ``<R_n q(cls), R_j k(h_j)> / sqrt(C) + b`` with the 2-D RoPE rotations R of the target's
-    cell n and of j: it depends on j's content and on its displacement from the target, the
-    two things a dependency can be about. h_j is the token as it enters the last block, the
-    same keys the last block's [cls] attends to, so the last block still runs for [cls] only.
-    """
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        if dim % 4:
-            raise ComaeError(f"the pointer head's 2-D RoPE needs a width divisible by 4, got {dim}")
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.bias = nn.Parameter(torch.zeros(()))
-
-    def forward(self, cls: Tensor, kept: Tensor, rope: RopeTables) -> Tensor:
-        """cls [S, C] (final, normed), kept [S, N-1, C]; rope tables [S, N, C] for [cls] +
-        kept -> logits [S, N-1]."""
-        cos, sin = rope
-        q = apply_rope(self.q(cls)[:, None, None], (cos[:, :1], sin[:, :1]))  # [S, 1, 1, C]
-        k = apply_rope(self.k(self.norm(kept)).unsqueeze(1), (cos[:, 1:], sin[:, 1:]))
-        return (q @ k.transpose(-2, -1))[:, 0, 0] * cls.shape[-1] ** -0.5 + self.bias
-
-
 class CoMAE(nn.Module):
     """Encoder f (selection), noise injection, decoder g (reconstruction) and temperature tau.
 
@@ -228,27 +127,29 @@ class CoMAE(nn.Module):
     ``log_tau``, which only L_c -- a function of f -- depends on) and ``decoder`` (g and head).
     """
 
-    def __init__(self, cfg: ComaeConfig, grid: int, token_dim: int) -> None:
+    def __init__(self, arch: ComaeArch) -> None:
         super().__init__()
-        self.cfg, self.grid, self.token_dim = cfg, grid, token_dim
+        self.arch = arch
+        self.grid, self.token_dim = grid, token_dim = arch.grid, arch.token_dim
         self.num_tokens = N = grid * grid
         if N < 2:
             raise ComaeError(f"CoMAE needs at least 2 tokens (grid {grid})")
-        self.sigma = cfg.sigma
-        self.encoder = _TargetStack(token_dim, N, cfg.enc_dim, cfg.enc_depth, cfg.enc_heads,
-                                    cfg.mlp_ratio)
+        for side in ("enc", "dec"):
+            dim, heads = getattr(arch, f"{side}_dim"), getattr(arch, f"{side}_heads")
+            if dim % heads:
+                raise ComaeError(f"{side}_dim ({dim}) must be divisible by {side}_heads ({heads})")
+        self.sigma = arch.sigma
+        self.encoder = _TargetStack(token_dim, N, arch.enc_dim, arch.enc_depth, arch.enc_heads,
+                                    arch.mlp_ratio)
         # [cls] -> N selection logits (paper), or a content-addressed pointer over the kept
         # patches (comae.select_head: pointer)
-        self.select_head = (PointerHead(cfg.enc_dim) if cfg.select_head == "pointer"
-                            else nn.Linear(cfg.enc_dim, N))
+        self.select_head = (PointerHead(arch.enc_dim) if arch.select_head == "pointer"
+                            else nn.Linear(arch.enc_dim, N))
         # With comae.decoder_sees_alpha each noised token carries its alpha as one more channel.
-        self.decoder = _TargetStack(token_dim + int(cfg.decoder_sees_alpha), N, cfg.dec_dim, cfg.dec_depth, cfg.dec_heads,
-                                    cfg.mlp_ratio)
-        self.recon_head = ResidualMLP(cfg.dec_dim, token_dim, cfg.head_layers)
-        self.log_tau = nn.Parameter(torch.tensor(math.log(cfg.tau_init)))
-        # The training task anneals the budget (comae.budget_start); trained models read
-        # with comae.budget.
-        self.budget_now: float | None = None
+        self.decoder = _TargetStack(token_dim + int(arch.decoder_sees_alpha), N, arch.dec_dim,
+                                    arch.dec_depth, arch.dec_heads, arch.mlp_ratio)
+        self.recon_head = ResidualMLP(arch.dec_dim, token_dim, arch.head_layers)
+        self.log_tau = nn.Parameter(torch.tensor(math.log(arch.tau_init)))
 
         # keep[n] = [0..N-1] without n: the tokens a sequence for target n holds.
         ar = torch.arange(N)
@@ -281,11 +182,6 @@ class CoMAE(nn.Module):
         pos = self.seq_pos[tgt]  # [S, N, 2]
         return rope_2d_tables(pos, torch.ones(pos.shape[:2], dtype=torch.bool, device=pos.device),
                               head_dim)
-
-    def config(self) -> dict[str, Any]:
-        """What config.json stores: enough to rebuild the network (``pipeline.tasks.comae``)."""
-        return {"format": FORMAT, "grid": self.grid, "token_dim": self.token_dim,
-                "comae": self.cfg.model_dump(mode="json", by_alias=True, exclude={"train"})}
 
     def check_tokens(self, tokens: Tensor) -> None:
         """tokens [B, N, D] must match the model's grid and token dim and be finite."""
@@ -320,17 +216,19 @@ class CoMAE(nn.Module):
         tgt[s]): tokens [B, N, D] -> [S, N] float32 (the target's own entry is meaningless)."""
         kept = self._kept(tokens, img, tgt)
         rope = self._rope(tgt, self.encoder.head_dim)
-        if self.cfg.select_head == "linear":
+        if self.arch.select_head == "linear":
             return self.select_head(self.encoder(kept, tgt, rope)).float()  # [S, N]
         cls, tok = self.encoder(kept, tgt, rope, with_tokens=True)
         kept_logits = self.select_head(cls, tok, self._rope(tgt, cls.shape[-1])).float()
         return kept_logits.new_zeros(len(tgt), self.num_tokens).scatter(
             1, self.keep[tgt], kept_logits)  # [S, N]
 
-    def _select_seq(self, tokens: Tensor, img: Tensor, tgt: Tensor) -> Tensor:
-        """f for S sequences: image img[s] with target tgt[s]. tokens [B, N, D] -> w [S, N]."""
+    def _select_seq(self, tokens: Tensor, img: Tensor, tgt: Tensor,
+                    budget: float | None = None) -> Tensor:
+        """f for S sequences: image img[s] with target tgt[s]. tokens [B, N, D] -> w [S, N].
+        ``budget``: the mean of w to hold (None: the architecture's, ``arch.budget``)."""
         logits = self.selection_logits(tokens, img, tgt)
-        budget = self.cfg.budget if self.budget_now is None else self.budget_now
+        budget = self.arch.budget if budget is None else budget
         if budget is not None:
             logits = logits - budget_shift(logits, tgt, budget)
         w = (1.0 + torch.tanh(logits)) / 2.0  # "tanh normalization" into [0, 1]
@@ -342,10 +240,10 @@ class CoMAE(nn.Module):
         B, T = targets.shape
         return torch.arange(B, device=targets.device).repeat_interleave(T), targets.reshape(-1)
 
-    def select(self, tokens: Tensor, targets: Tensor) -> Tensor:
+    def select(self, tokens: Tensor, targets: Tensor, budget: float | None = None) -> Tensor:
         """f: tokens [B, N, D], targets [B, T] -> selection weights w [B, T, N] (float32)."""
         img, tgt = self._flat(targets)
-        return self._select_seq(tokens, img, tgt).view(*targets.shape, -1)
+        return self._select_seq(tokens, img, tgt, budget).view(*targets.shape, -1)
 
     def noise(self, tokens: Tensor, targets: Tensor, w: Tensor, eps: Tensor) -> Tensor:
         """Eq. 3-4 on the kept tokens: tokens [B, N, D], targets [B, T], w [B, T, N],
@@ -358,7 +256,7 @@ class CoMAE(nn.Module):
         w_kept = torch.gather(w, 2, self.keep[targets])  # [B, T, N-1]
         alpha = noise_alpha(w_kept, self.sigma).unsqueeze(-1)
         noised = alpha * kept.float() + (1.0 - alpha) * eps.float()
-        return torch.cat((noised, alpha), -1) if self.cfg.decoder_sees_alpha else noised
+        return torch.cat((noised, alpha), -1) if self.arch.decoder_sees_alpha else noised
 
     def reconstruct(self, noised: Tensor, targets: Tensor, frozen: bool = False) -> Tensor:
         """g: noised kept tokens [B, T, N-1, D], targets [B, T] -> e*_n [B, T, D].
@@ -372,7 +270,16 @@ class CoMAE(nn.Module):
         h = _call(self.decoder, frozen, noised.reshape(B * T, -1, D), tgt, rope)  # [B*T, C]
         return _call(self.recon_head, frozen, h).view(B, T, self.token_dim)
 
+    def shuffle_perm(self, targets: Tensor, keys: Tensor) -> Tensor:
+        """targets [B, T], keys [B, T, N-1] random numbers -> perm [B, T, N]: the target's
+        entry stays in place, the N-1 others are permuted in the order that sorts ``keys``."""
+        kept = self.keep[targets]  # [B, T, N-1] the non-target positions
+        moved = torch.gather(kept, 2, keys.argsort(-1))
+        perm = torch.arange(self.num_tokens, device=targets.device).repeat(*targets.shape, 1)
+        return perm.scatter(2, kept, moved)
+
     def forward(self, tokens: Tensor, targets: Tensor, eps: Tensor, update: Half = "both",
+                budget: float | None = None,
                 shuffle: tuple[Tensor, Tensor] | None = None) -> dict[str, Tensor]:
         """One training pass: tokens [B, N, D], targets [B, T] (distinct per image), eps
         [B, T, N-1, D] -> {"w" [B, T, N], "recon" [B, T, D], "target" [B, T, D], "tau" []}.
@@ -382,21 +289,25 @@ class CoMAE(nn.Module):
         detached parameters (gradients flow through g into w; g's weights get none);
         "both" is plain joint backprop.
 
-        ``shuffle`` = (rows [B, T] bool, perm [B, T, N] long): for the marked sequences g sees
-        f's weights moved to random positions (``perm`` permutes the non-target entries), so
-        g learns to read whichever tokens are clean rather than one fixed pattern
-        (``comae.w_shuffle``). The returned ``w`` stays f's own.
+        ``budget``: the mean of w that f must hold at this step (``comae.budget_start``
+        anneals it); None: ``arch.budget``.
+
+        ``shuffle`` = (rows [B, T] bool, keys [B, T, N-1] uniform random numbers): for the
+        marked sequences g sees f's weights moved to random positions (the non-target entries
+        permuted in the order of ``keys``), so g learns to read whichever tokens are clean
+        rather than one fixed pattern (``comae.w_shuffle``). The returned ``w`` stays f's own.
         """
         if update not in ("encoder", "decoder", "both"):
             raise ValueError(f"update must be 'encoder', 'decoder' or 'both', got {update!r}")
         # tau is returned from here, not read by the caller: under DDP every parameter that
         # gets a gradient must be reached from forward()'s outputs.
         with torch.set_grad_enabled(torch.is_grad_enabled() and update != "decoder"):
-            w = self.select(tokens, targets)
+            w = self.select(tokens, targets, budget)
             tau = self.tau
         w_dec = w
         if shuffle is not None:
-            rows, perm = shuffle
+            rows, keys = shuffle
+            perm = self.shuffle_perm(targets, keys)
             w_dec = torch.where(rows.unsqueeze(-1), torch.gather(w, 2, perm), w)
         recon = self.reconstruct(self.noise(tokens, targets, w_dec, eps), targets,
                                  frozen=update == "encoder")

@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import argparse
 import math
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
 import scipy.stats as stats
@@ -58,8 +60,48 @@ def check_orders(orders: Tensor, batch: int, seq_len: int) -> None:
         raise ValueError("every row of orders must be a permutation of 0..N-1")
 
 
+@dataclass(frozen=True)
+class MarArch:
+    """Everything MAR is built from: its constructor's arguments under LTH14/mar's names, so
+    ``MAR(**asdict(arch))`` and a run's config.json stores ``arch.to_dict()``."""
+
+    grid: int = 16
+    token_dim: int = 16
+    encoder_embed_dim: int = 1024
+    encoder_depth: int = 16
+    encoder_num_heads: int = 16
+    decoder_embed_dim: int = 1024
+    decoder_depth: int = 16
+    decoder_num_heads: int = 16
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000
+    buffer_size: int = 64
+    label_drop_prob: float = 0.1
+    mask_ratio_min: float = 0.7
+    attn_dropout: float = 0.1
+    proj_dropout: float = 0.1
+    diffloss_d: int = 3
+    diffloss_w: int = 1024
+    num_sampling_steps: str = "100"  # the diffusion sampler's steps: sampling, not weights
+    diffusion_batch_mul: int = 4
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "MarArch":
+        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"MAR architecture fields {unknown} are unknown to this code")
+        return cls(**d)
+
+
 class MAR(nn.Module):
     """Masked autoregressive generator with a diffusion loss per token."""
+
+    @classmethod
+    def from_arch(cls, arch: MarArch) -> "MAR":
+        return cls(**arch.to_dict())
 
     def __init__(
         self,
@@ -84,6 +126,15 @@ class MAR(nn.Module):
         diffusion_batch_mul: int = 4,
     ) -> None:
         super().__init__()
+        self.arch = MarArch(
+            grid=grid, token_dim=token_dim, encoder_embed_dim=encoder_embed_dim,
+            encoder_depth=encoder_depth, encoder_num_heads=encoder_num_heads,
+            decoder_embed_dim=decoder_embed_dim, decoder_depth=decoder_depth,
+            decoder_num_heads=decoder_num_heads, mlp_ratio=mlp_ratio, num_classes=num_classes,
+            buffer_size=buffer_size, label_drop_prob=label_drop_prob, mask_ratio_min=mask_ratio_min,
+            attn_dropout=attn_dropout, proj_dropout=proj_dropout, diffloss_d=diffloss_d,
+            diffloss_w=diffloss_w, num_sampling_steps=num_sampling_steps,
+            diffusion_batch_mul=diffusion_batch_mul)
         self.grid = grid
         self.seq_len = grid * grid
         self.token_embed_dim = token_dim

@@ -32,12 +32,15 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.config import CmarConfig
-from pipeline.models.mar import MAR, load_mar_checkpoint, load_mar_state, read_mar_checkpoint
-from pipeline.train.checkpoint import load_run
+from pipeline.models.mar import (
+    MAR, MarArch, load_mar_checkpoint, load_mar_state, read_mar_checkpoint,
+)
+from pipeline.train.checkpoint import load_run, load_trained
 from pipeline.train.trainer import StepContext, TrainTask
 from pipeline.utils.io import sha256_file
 
 # CmarConfig keys that only affect sampling/evaluation: changing them must not retrain.
+TASK_KIND = "cmar"  # config.json's task kind of pretrain_mar and train_cmar runs
 EVAL_ONLY_KEYS = ("sample_order", "num_iter", "num_sampling_steps", "cfg", "cfg_schedule", "temperature",
                   "samples_per_class", "inception_weights", "reference_batch", "eval_batch_size")
 
@@ -75,24 +78,37 @@ def train_config(cfg: CmarConfig) -> dict[str, Any]:
     return d
 
 
+# cmar params -> MAR's names (LTH14/mar's), for the fields whose names differ
+_MAR_NAMES = {"enc_dim": "encoder_embed_dim", "enc_depth": "encoder_depth",
+              "enc_heads": "encoder_num_heads", "dec_dim": "decoder_embed_dim",
+              "dec_depth": "decoder_depth", "dec_heads": "decoder_num_heads"}
+
+
+def mar_arch(cfg: CmarConfig, grid: int, token_dim: int, num_classes: int) -> MarArch:
+    """The MAR the ``cmar`` params describe, for the latent store's geometry."""
+    fields = MarArch.__dataclass_fields__
+    named = {_MAR_NAMES.get(k, k): v for k, v in cfg.model_dump().items()}
+    return MarArch(grid=grid, token_dim=token_dim, num_classes=num_classes,
+                   **{k: v for k, v in named.items()
+                      if k in fields and k not in ("grid", "token_dim", "num_classes", "mlp_ratio")})
+
+
 def build_mar(cfg: CmarConfig, grid: int, token_dim: int, num_classes: int) -> MAR:
     """MAR from the ``cmar`` params and the latent store's geometry."""
-    return MAR(grid=grid, token_dim=token_dim,
-               encoder_embed_dim=cfg.enc_dim, encoder_depth=cfg.enc_depth, encoder_num_heads=cfg.enc_heads,
-               decoder_embed_dim=cfg.dec_dim, decoder_depth=cfg.dec_depth, decoder_num_heads=cfg.dec_heads,
-               num_classes=num_classes, buffer_size=cfg.buffer_size, label_drop_prob=cfg.label_drop_prob,
-               mask_ratio_min=cfg.mask_ratio_min, attn_dropout=cfg.attn_dropout,
-               proj_dropout=cfg.proj_dropout, diffloss_d=cfg.diffloss_d, diffloss_w=cfg.diffloss_w,
-               num_sampling_steps=cfg.num_sampling_steps, diffusion_batch_mul=cfg.diffusion_batch_mul)
+    return MAR.from_arch(mar_arch(cfg, grid, token_dim, num_classes))
 
 
-def build_cmar(cfg: CmarConfig, store: Any, init: str | Path | None = None) -> tuple[MAR, dict[str, Any]]:
+def build_cmar(cfg: CmarConfig, store: Any, init: str | Path | None = None,
+               seed: int = 0) -> tuple[MAR, dict[str, Any]]:
     """The model to train on ``store``; a MAR checkpoint, if given, is loaded before any training.
 
     MAR's released models embed 1000 classes whatever the data set; a pretrained checkpoint
     keeps its class count so its ``class_emb`` loads (labels must still be < 1000). Without
-    one, ``init`` (the ``pretrain_mar`` run, when given) supplies the starting weights.
+    one, ``init`` (the ``pretrain_mar`` run, when given) supplies the starting weights; without
+    either, the initial weights are a function of ``seed`` (torch seeds its global generator
+    differently in every process, so an unseeded init is another model every run).
     """
+    torch.manual_seed(seed)
     info: dict[str, Any] = {"pretrained": None}
     num_classes = len(store.classes)
     if cfg.pretrained:
@@ -120,18 +136,20 @@ def build_cmar(cfg: CmarConfig, store: Any, init: str | Path | None = None) -> t
 
 
 def load_cmar(model_dir: str | Path, cfg: CmarConfig) -> tuple[MAR, dict[str, Any]]:
-    """The trained model of ``data/cmar`` (read by :func:`load_run`), with the sampling params
+    """The trained model of ``data/cmar`` (read by :func:`load_trained`), with the sampling params
     of ``cfg``; training params that differ from the run's are refused, naming them."""
-    run = load_run(model_dir)
-    trained, current = run.task.get("cmar", {}), train_config(cfg)
-    diff = sorted(k for k in set(trained) | set(current) if trained.get(k) != current.get(k))
-    if diff:
-        raise ValueError(f"{model_dir} was trained with other cmar params ({', '.join(diff)}); "
-                         "re-run train_cmar (dvc repro / dvc exp run does this)")
-    task = run.task
-    model = build_mar(cfg, task["grid"], task["token_dim"], task["num_classes"])
-    load_mar_state(model, run.state, allow_missing=False)
-    return model.eval(), {**task, "weights": run.weights.name}
+    def build(task: dict[str, Any]) -> MAR:
+        trained, current = task.get("cmar", {}), train_config(cfg)
+        diff = sorted(k for k in set(trained) | set(current) if trained.get(k) != current.get(k))
+        if diff:
+            raise ValueError(f"{model_dir} was trained with other cmar params ({', '.join(diff)}); "
+                             "re-run train_cmar (dvc repro / dvc exp run does this)")
+        # the stored network, sampled with this evaluation's diffusion steps
+        return MAR.from_arch(MarArch.from_dict({**task["arch"],
+                                                "num_sampling_steps": cfg.num_sampling_steps}))
+
+    model, run = load_trained(model_dir, build, kind=TASK_KIND)
+    return model, {**run.task, "weights": run.weights.name}
 
 
 class CmarDataset(torch.utils.data.Dataset):
@@ -168,8 +186,9 @@ class CmarTask(TrainTask):
         self.extra_config = dict(extra_config or {})
 
     def config(self) -> dict[str, Any]:
-        return {"cmar": train_config(self.cfg), "grid": self.model.grid,
+        return {"kind": TASK_KIND, "cmar": train_config(self.cfg), "grid": self.model.grid,
                 "token_dim": self.model.token_embed_dim, "num_classes": self.model.num_classes,
+                "arch": {**self.model.arch.to_dict(), "num_sampling_steps": None},  # a sampling key
                 **self.extra_config}
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor], ctx: StepContext) -> tuple[Tensor, dict[str, Any]]:
@@ -269,5 +288,5 @@ def generate(model: MAR, labels: np.ndarray, orders: Tensor, num_iter: int, cfg:
     return torch.cat(out) if out else torch.zeros(0, model.token_embed_dim, model.grid, model.grid)
 
 
-__all__ = ["CMAR_VARIANTS", "CmarDataset", "CmarTask", "EVAL_ONLY_KEYS", "variant_config", "build_cmar", "build_mar", "generate", "load_cmar",
+__all__ = ["CMAR_VARIANTS", "CmarDataset", "CmarTask", "EVAL_ONLY_KEYS", "variant_config", "build_cmar", "build_mar", "generate", "load_cmar", "mar_arch",
            "sampling_orders", "to_mar_orders", "train_config"]

@@ -23,19 +23,30 @@ from pipeline.models.comae import (
     ARCH_FIELDS,
     FORMAT,
     CoMAE,
+    ComaeArch,
     ComaeError,
     contrastive_loss,
     mask_entropy,
     reconstruction_loss,
 )
-from pipeline.train.checkpoint import load_run
+from pipeline.train.checkpoint import CheckpointError, load_trained
 from pipeline.train.trainer import StepContext, TrainTask
+from pipeline.utils.dist import unwrap
 
 ENCODER, DECODER = "encoder", "decoder"
 
 
-def _unwrap(model: nn.Module) -> CoMAE:
-    return model.module if hasattr(model, "module") else model  # DDP keeps the model in .module
+def comae_arch(cfg: ComaeConfig, grid: int, token_dim: int) -> ComaeArch:
+    """The network the ``comae`` params describe, for a store's ``grid`` and ``token_dim``."""
+    return ComaeArch(grid=grid, token_dim=token_dim,
+                     **{f: getattr(cfg, f) for f in ComaeArch.__dataclass_fields__
+                        if f not in ("grid", "token_dim")})
+
+
+def stored_config(cfg: ComaeConfig, grid: int, token_dim: int) -> dict[str, Any]:
+    """What config.json stores of the network: enough to rebuild it (:func:`comae_from_config`)."""
+    return {"format": FORMAT, "grid": grid, "token_dim": token_dim,
+            "comae": cfg.model_dump(mode="json", by_alias=True, exclude={"train"})}
 
 
 class ComaeTask(TrainTask):
@@ -67,7 +78,7 @@ class ComaeTask(TrainTask):
     def config(self) -> dict[str, Any]:
         # Architecture + grid/dim (config.json) and the loss settings: resuming a run with a
         # different lambda/sigma/targets is a different experiment, not a continuation.
-        return {**self.model.config(), **self.extra_config}
+        return {**stored_config(self.cfg, self.model.grid, self.model.token_dim), **self.extra_config}
 
     def budget_at(self, step: int) -> float | None:
         """The selection budget at ``step``: ``budget_start`` falling linearly to ``budget``
@@ -81,26 +92,22 @@ class ComaeTask(TrainTask):
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor], ctx: StepContext
              ) -> tuple[Tensor, dict[str, float | Tensor]]:
-        core = _unwrap(model)  # for its sizes and checks; the pass itself goes through model
+        core = unwrap(model)  # for its sizes and checks; the pass itself goes through model
         N, D, T = core.num_tokens, core.token_dim, self.cfg.targets_per_image
         grids = batch["tokens"].to(ctx.device)  # [b, D, h, w] (this rank's rows)
         flip = ctx.rand() < 0.5  # [b]
         grids = torch.where(flip[:, None, None, None], batch["tokens_flip"].to(ctx.device), grids)
         tokens = grids.flatten(2).transpose(1, 2).contiguous()  # [b, N, D]
         core.check_tokens(tokens)  # wrong grid/dim or NaN/inf: stop before any update
-        core.budget_now = self.budget_at(ctx.step)
         targets = ctx.randperm(N)[:, :T]  # [b, T] distinct targets per image
         eps = ctx.randn(T, N - 1, D)  # [b, T, N-1, D] eq. 3 noise for the kept tokens
 
         half = self.half_at(ctx.step)
         shuffle = None
         if half == DECODER and self.cfg.w_shuffle > 0:
-            rows = ctx.rand(T) < self.cfg.w_shuffle  # [b, T]
-            kept = core.keep[targets]  # [b, T, N-1] the non-target positions
-            moved = torch.gather(kept, 2, ctx.rand(T, N - 1).argsort(-1))
-            perm = torch.arange(N, device=ctx.device).repeat(*targets.shape, 1).scatter(2, kept, moved)
-            shuffle = (rows, perm)  # perm fixes the target, permutes the rest
-        out = model(tokens, targets, eps, update=half, shuffle=shuffle)
+            shuffle = (ctx.rand(T) < self.cfg.w_shuffle, ctx.rand(T, N - 1))  # rows, keys
+        out = model(tokens, targets, eps, update=half, budget=self.budget_at(ctx.step),
+                    shuffle=shuffle)
         w, tau = out["w"], out["tau"]  # [b, T, N], scalar (both constants in g's step)
         l_r = reconstruction_loss(out["target"], out["recon"])
         l_c = contrastive_loss(w, tau)  # depends on f and tau only: no gradient in g's step
@@ -122,7 +129,7 @@ def build_comae(cfg: ComaeConfig, store: Any, seed: int, **extra: Any) -> ComaeT
     config, so another seed is another run, not a resume).
     """
     torch.manual_seed(seed)
-    model = CoMAE(cfg, store.grid, store.dim)
+    model = CoMAE(comae_arch(cfg, store.grid, store.dim))
     model.check_store(store)
     return ComaeTask(model, cfg, extra_config={"init_seed": seed, **extra})
 
@@ -140,19 +147,19 @@ def arch_mismatch(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
                   if ca.get(k) != cb.get(k)]
 
 
-
 def comae_from_config(stored: dict[str, Any]) -> CoMAE:
-    """The network a run's task config describes (what :meth:`CoMAE.config` wrote)."""
+    """The network a run's task config describes (what :func:`stored_config` wrote)."""
     if stored.get("format") != FORMAT:
         raise ComaeError(f"task config format {stored.get('format')!r}, this code reads {FORMAT!r}")
-    return CoMAE(ComaeConfig.model_validate(stored["comae"]), int(stored["grid"]),
-                 int(stored["token_dim"]))
+    # a field missing from an older config.json holds its params default
+    cfg = ComaeConfig.model_validate(stored["comae"])
+    return CoMAE(comae_arch(cfg, int(stored["grid"]), int(stored["token_dim"])))
 
 
 def load_comae(path: str | Path, expect: ComaeConfig | None = None,
                weights: Literal["auto", "ema", "model"] = "auto",
                map_location: str | torch.device = "cpu") -> tuple[CoMAE, dict[str, Any]]:
-    """A trained CoMAE from ``path`` (``data/comae``), read by :func:`load_run`.
+    """A trained CoMAE from ``path`` (``data/comae``), read by :func:`load_trained`.
 
     ``expect``: the ComaeConfig the caller was configured with; an architecture that differs
     from the stored one is refused with the differing keys named (params.yaml changed since
@@ -160,39 +167,32 @@ def load_comae(path: str | Path, expect: ComaeConfig | None = None,
     "weights" (file name), "sha256" (of that file), "path"}.
     """
     try:
-        run = load_run(path, weights, map_location)
-    except FileNotFoundError as err:
+        model, run = load_trained(path, _rebuild(path, expect), weights=weights,
+                                  map_location=map_location)
+    except (FileNotFoundError, CheckpointError) as err:
         raise ComaeError(str(err)) from None
-    stored = run.task
-    if expect is not None:
-        want = {"grid": stored.get("grid"), "token_dim": stored.get("token_dim"),
-                "comae": expect.model_dump(mode="json", by_alias=True)}
-        diff = arch_mismatch(stored, want)
-        if diff:
-            raise ComaeError(
-                f"the CoMAE in {path} was trained with another architecture than the one "
-                f"configured ({'; '.join(diff)}); re-run train_comae or restore the params"
-            )
-    try:
-        model = comae_from_config(stored)
-    except ComaeError as err:
-        raise ComaeError(f"{run.path / 'config.json'}: {err}") from None
-    state, own = run.state, model.state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in own.items()
-             if k in state and state[k].shape != v.shape]
-    if missing or unexpected or wrong:
-        raise ComaeError(
-            f"{run.weights} does not match its config.json (missing {missing[:4]}, unexpected "
-            f"{unexpected[:4]}, wrong shapes {wrong[:4]}); the folder mixes two trainings"
-        )
-    model.load_state_dict(state)
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise ComaeError(f"{run.weights} holds NaN/inf weights in {bad[:4]}")
-    info = {"config": stored, "weights": run.weights.name, "sha256": run.sha256(), "path": str(path)}
-    return model.to(map_location).eval(), info
+    info = {"config": run.task, "weights": run.weights.name, "sha256": run.sha256(), "path": str(path)}
+    return model, info
 
 
-__all__ = ["ComaeTask", "DECODER", "ENCODER", "arch_mismatch", "build_comae", "comae_from_config",
-           "load_comae"]
+def _rebuild(path: str | Path, expect: ComaeConfig | None):
+    """``build`` for :func:`load_trained`: the stored network, after checking it against the
+    configured one (params.yaml changed since training: say which keys)."""
+    def build(stored: dict[str, Any]) -> CoMAE:
+        if expect is not None:
+            want = {"grid": stored.get("grid"), "token_dim": stored.get("token_dim"),
+                    "comae": expect.model_dump(mode="json", by_alias=True)}
+            diff = arch_mismatch(stored, want)
+            if diff:
+                raise ComaeError(
+                    f"the CoMAE in {path} was trained with another architecture than the one "
+                    f"configured ({'; '.join(diff)}); re-run train_comae or restore the params")
+        try:
+            return comae_from_config(stored)
+        except ComaeError as err:
+            raise ComaeError(f"{Path(path) / 'config.json'}: {err}") from None
+    return build
+
+
+__all__ = ["ComaeTask", "DECODER", "ENCODER", "arch_mismatch", "build_comae", "comae_arch",
+           "comae_from_config", "load_comae", "stored_config"]

@@ -47,7 +47,7 @@ from torch.utils.data import Dataset
 
 from pipeline.config import VARIANTS, Params
 from pipeline.models.vit import VisionTransformer, VitArch, load_pretrained
-from pipeline.train.checkpoint import load_run
+from pipeline.train.checkpoint import load_run, load_trained
 from pipeline.train.trainer import StepContext, TrainTask
 from pipeline.utils.images import images_to_input
 from pipeline.utils.io import read_json, sha256_file, sha256_json
@@ -357,17 +357,13 @@ def build_vit(params: Params, crop_size: int, grid: int, num_classes: int,
 
 
 def load_cvit(directory: str | Path, prefer_ema: bool = True) -> tuple[VisionTransformer, dict[str, Any]]:
-    """A trained variant from ``data/cvit/<variant>`` (read by :func:`load_run`).
+    """A trained variant from ``data/cvit/<variant>`` (read by :func:`load_trained`).
 
     The EMA weights are used when the run kept them (the paper evaluates its EMA model).
     """
-    run = load_run(directory, "auto" if prefer_ema else "model")
-    task = run.task
-    if task.get("kind") != TASK_KIND or "arch" not in task:
-        raise ValueError(f"{directory} does not hold a CViT model (task kind {task.get('kind')!r})")
-    model = VisionTransformer(VitArch.from_dict(task["arch"]))
-    model.load_state_dict(run.state)
-    return model.eval(), {**run.meta, "weights": run.weights.name}
+    model, run = load_trained(directory, lambda task: VisionTransformer(VitArch.from_dict(task["arch"])),
+                              kind=TASK_KIND, weights="auto" if prefer_ema else "model")
+    return model, {**run.meta, "weights": run.weights.name}
 
 
 __all__ = [

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from pipeline.models.judge import ConvJudge, JudgeArch
 from pipeline.tokenizers import roundtrip_images
-from pipeline.train.checkpoint import load_run
+from pipeline.train.checkpoint import load_trained
 from pipeline.train.trainer import StepContext, TrainTask
 from pipeline.utils.images import images_to_input
 
@@ -89,13 +89,9 @@ class ImageLabelDataset(torch.utils.data.Dataset):
 
 def load_judge(directory: str | Path) -> tuple[ConvJudge, dict[str, Any]]:
     """The trained judge of ``data/judge`` (eval mode) and its run's meta."""
-    run = load_run(directory, "model")
-    task = run.task
-    if task.get("kind") != TASK_KIND:
-        raise ValueError(f"{directory} does not hold a judge (task kind {task.get('kind')!r})")
-    model = ConvJudge(JudgeArch.from_dict(task["arch"]))
-    model.load_state_dict(run.state)
-    return model.eval(), {**run.meta, "weights": run.weights.name}
+    model, run = load_trained(directory, lambda task: ConvJudge(JudgeArch.from_dict(task["arch"])),
+                              kind=TASK_KIND, weights="model")
+    return model, {**run.meta, "weights": run.weights.name}
 
 
 @torch.no_grad()

@@ -22,9 +22,10 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
+from torch import nn
 from safetensors.torch import load_file, save_file
 
 from pipeline.utils.io import atomic_write_text, read_json, sha256_file
@@ -105,6 +106,41 @@ def load_run(path: str | Path, weights: Literal["auto", "ema", "model"] = "auto"
     if not file.exists():
         raise FileNotFoundError(f"no weights at {file} (run its training stage first)")
     return TrainedRun(path, read_json(cfg_path), file, load_file(str(file), device=str(map_location)))
+
+
+class CheckpointError(ValueError):
+    """A trained-model folder that cannot be loaded as the model its config.json describes."""
+
+
+def load_trained(path: str | Path, build: Callable[[dict[str, Any]], nn.Module], *,
+                 kind: str | None = None, weights: Literal["auto", "ema", "model"] = "auto",
+                 map_location: str | torch.device = "cpu") -> tuple[nn.Module, TrainedRun]:
+    """The one reader of a finished run for every model (nanoGPT's ``GPT(GPTConfig(**args))``).
+
+    ``build(task)`` rebuilds the network from the task config the run stored (its arch);
+    ``kind``: what ``task["kind"]`` must say (older CoMAE configs say it as ``format``).
+    The weights load strictly: missing, unexpected and wrong-shape keys are named, NaN/inf
+    weights refused. Returns (model in eval mode on ``map_location``, the run: its task
+    config, ``inputs`` -- the identity of what it was trained on --, weights file, sha256).
+    """
+    run = load_run(path, weights, map_location)
+    found = run.task.get("kind", run.task.get("format"))
+    if kind is not None and found != kind:
+        raise CheckpointError(f"{path} does not hold a {kind} model (its config.json says {found!r})")
+    model = build(run.task)
+    own, state = model.state_dict(), run.state
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in own.items()
+             if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        raise CheckpointError(
+            f"{run.weights} does not match its config.json (missing {missing[:4]}, unexpected "
+            f"{unexpected[:4]}, wrong shapes {wrong[:4]}); the folder mixes two trainings")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{run.weights} holds NaN/inf weights in {bad[:4]}")
+    model.load_state_dict(state)
+    return model.to(map_location).eval(), run
 
 
 def _is_complete(d: Path) -> bool:
