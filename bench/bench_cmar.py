@@ -64,15 +64,16 @@ def bench_train(cfg, grid: int, D: int, classes: int, steps: int, dtype: torch.d
 @torch.no_grad()
 def bench_sample(cfg, grid: int, D: int, classes: int, n: int, num_iter: int) -> float:
     """Seconds per image."""
-    model = build_mar(cfg, grid, D, classes).eval()
+    model = build_mar(cfg, grid, D, classes, cfg.sample.num_sampling_steps).eval()
     N = grid * grid
     labels = torch.arange(n) % classes
     orders = torch.stack([torch.randperm(N) for _ in range(n)])
     g = torch.Generator().manual_seed(0)
-    model.sample_tokens(labels[:2], orders[:2], num_iter=min(2, N), cfg=cfg.cfg, generator=g)  # warm-up
+    model.sample_tokens(labels[:2], orders[:2], num_iter=min(2, N), cfg=cfg.sample.cfg, generator=g)  # warm-up
     t0 = time.perf_counter()
-    model.sample_tokens(labels, orders, num_iter=num_iter, cfg=cfg.cfg, cfg_schedule=cfg.cfg_schedule,
-                        temperature=cfg.temperature, generator=g)
+    model.sample_tokens(labels, orders, num_iter=num_iter, cfg=cfg.sample.cfg,
+                        cfg_schedule=cfg.sample.cfg_schedule, temperature=cfg.sample.temperature,
+                        generator=g)
     return (time.perf_counter() - t0) / n
 
 
@@ -87,13 +88,13 @@ def main() -> None:
     grid = params.data.crop_size // params.tokenizer.patch_size
     D, classes = params.tokenizer.dim, params.data.synthetic.num_classes
     steps = 3 if args.quick else 10
-    n = 8 if args.quick else 32  # = cmar.eval_batch_size by default
+    n = 8 if args.quick else 32  # = cmar.sample.eval_batch_size by default
     res: dict = {"threads": torch.get_num_threads(), "grid": grid, "token_dim": D,
-                 "batch_size": cfg.train.batch_size, "num_iter": cfg.num_iter, "cfg": cfg.cfg,
-                 "num_sampling_steps": cfg.num_sampling_steps}
+                 "batch_size": cfg.train.batch_size, "num_iter": cfg.sample.num_iter,
+                 "cfg": cfg.sample.cfg, "num_sampling_steps": cfg.sample.num_sampling_steps}
     res["train_steps_per_s_fp32"] = bench_train(cfg, grid, D, classes, steps, torch.float32)
     res["train_steps_per_s_bf16"] = bench_train(cfg, grid, D, classes, steps, torch.bfloat16)
-    s = bench_sample(cfg, grid, D, classes, n, cfg.num_iter)
+    s = bench_sample(cfg, grid, D, classes, n, cfg.sample.num_iter)
     res["sample_images_per_s"] = 1.0 / s
     print(json.dumps(res, indent=2), flush=True)
     # AR-step scaling on a 256-token grid (KL-16's 16x16), a batch of n/2 images

@@ -16,8 +16,66 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 Precision = Literal["auto", "fp32", "bf16"]
 
 
+# Which params a process reads (``trace_reads``): the dotted key of every leaf that code
+# reads from a traced Params, or that a dump of a section (a stored config) includes. The
+# rerun test compares these with dvc.yaml's ``params`` (tests/test_pipeline_e2e.py).
+_READS: set[str] | None = None
+_PATHS: dict[int, str] = {}  # id(section) -> its dotted key, while tracing
+_SET: dict[int, set[str]] = {}  # id(copy) -> fields its model_copy(update=) set: not read
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+    def __getattribute__(self, name: str) -> Any:
+        value = super().__getattribute__(name)
+        if _READS is not None and name in type(self).model_fields:
+            path = _PATHS.get(id(self))
+            if path is not None and name not in _SET.get(id(self), ()):
+                key = _key(path, type(self), name)
+                if isinstance(value, Section):
+                    _PATHS[id(value)] = key
+                else:
+                    _READS.add(key)
+        return value
+
+    def model_dump(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        if _READS is not None and id(self) in _PATHS:
+            skip = set(kwargs.get("exclude") or ()) | _SET.get(id(self), set())
+            _READS.update(_leaves(self, _PATHS[id(self)], skip))
+        return super().model_dump(*args, **kwargs)
+
+    def model_copy(self, *args: Any, **kwargs: Any) -> Any:
+        new = super().model_copy(*args, **kwargs)
+        if _READS is not None and id(self) in _PATHS:
+            _PATHS[id(new)] = _PATHS[id(self)]
+            _SET[id(new)] = _SET.get(id(self), set()) | set(kwargs.get("update") or ())
+        return new
+
+
+def _key(path: str, cls: type[BaseModel], name: str) -> str:
+    field = cls.model_fields[name]
+    leaf = field.alias or name
+    return f"{path}.{leaf}" if path else leaf
+
+
+def _leaves(section: BaseModel, path: str, skip: set[str] = frozenset()) -> set[str]:
+    out: set[str] = set()
+    for name in type(section).model_fields:
+        if name in skip or type(section).model_fields[name].alias in skip:
+            continue
+        value = BaseModel.__getattribute__(section, name)
+        key = _key(path, type(section), name)
+        out |= _leaves(value, key) if isinstance(value, BaseModel) else {key}
+    return out
+
+
+def trace_reads(params: BaseModel) -> set[str]:
+    """Start recording the keys read from ``params`` (and its copies); returns the live set."""
+    global _READS
+    _READS = set() if _READS is None else _READS
+    _PATHS[id(params)] = ""
+    return _READS
 
 
 class ParamsError(ValueError):
@@ -163,9 +221,6 @@ class ComaeConfig(Section):
     budget: float | None = Field(
         None, gt=0, lt=1, description="fix the mean of w over the N-1 context patches (a "
         "selection budget, 'masking K patches'); null: unconstrained (paper)")
-    probe_steps: int = Field(
-        600, ge=1, description="steps of the CoMAE trained on the copy-mechanism probe "
-        "(stage probe_comae; same architecture and train settings otherwise)")
     budget_start: float | None = Field(
         None, gt=0, lt=1, description="anneal the budget from this value down to 'budget' "
         "over the first budget_anneal of training; null: the budget is constant")
@@ -189,6 +244,13 @@ class ComaeConfig(Section):
             if dim % heads:
                 raise ValueError(f"{side}_dim ({dim}) must be divisible by {side}_heads ({heads})")
         return self
+
+
+class ComaeProbeConfig(Section):
+    """Stage ``probe_comae``: the same CoMAE (``comae``), trained on the copy-mechanism grids."""
+
+    steps: int = Field(600, ge=1, description="training steps of the probe's CoMAE (its other "
+                       "train settings are comae.train's)")
 
 
 # ----------------------------------------------------------------------------- orders
@@ -288,8 +350,10 @@ class CvitConfig(Section):
 # ----------------------------------------------------------------------------- CMAR
 
 
-class CmarConfig(Section):
-    # MAR-B: enc/dec 768 x 12 (12 heads), buffer 64, diffloss 6 x 1024. The CPU default is tiny.
+class CmarModelConfig(Section):
+    """The MAR that pretrain_mar, train_cmar and eval_cmar build, and where its weights start.
+    MAR-B: enc/dec 768 x 12 (12 heads), buffer 64, diffloss 6 x 1024. The CPU default is tiny."""
+
     enc_dim: int = Field(64, ge=8)
     enc_depth: int = Field(2, ge=1)
     enc_heads: int = Field(4, ge=1)
@@ -300,7 +364,6 @@ class CmarConfig(Section):
     diffloss_d: int = Field(2, ge=1)
     diffloss_w: int = Field(128, ge=8)
     diffusion_batch_mul: int = Field(4, ge=1)
-    num_sampling_steps: str = Field("100", pattern=r"^(|ddim\d+|\d+(,\d+)*)$")
     label_drop_prob: float = Field(0.1, ge=0, le=1)
     mask_ratio_min: float = Field(0.7, ge=0, le=1)
     attn_dropout: float = Field(0.1, ge=0, lt=1)
@@ -310,13 +373,23 @@ class CmarConfig(Section):
     pretrained_key: Literal["model_ema", "model"] = Field(
         "model_ema", description="which state dict of the MAR checkpoint to start from")
     allow_missing_keys: bool = False
-    # orders
-    order: Literal["collapse", "random"] = "collapse"
-    direction: Literal["descending", "ascending"] = "descending"
-    random_order_share: float = Field(0.1, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "CmarModelConfig":
+        for side in ("enc", "dec"):
+            dim, heads = getattr(self, f"{side}_dim"), getattr(self, f"{side}_heads")
+            if dim % heads:
+                raise ValueError(f"{side}_dim ({dim}) must be divisible by {side}_heads ({heads})")
+        return self
+
+
+class CmarSampleConfig(Section):
+    """What eval_cmar samples and scores with (read by no training stage)."""
+
     sample_order: Literal["class", "train_image", "random"] = "class"
-    # sampling / eval
     num_iter: int = Field(16, ge=1, description="autoregressive steps at sampling")
+    num_sampling_steps: str = Field("100", pattern=r"^(|ddim\d+|\d+(,\d+)*)$",
+                                    description="the diffusion head's respaced sampling steps")
     cfg: float = Field(3.0, ge=1.0, le=20.0)
     cfg_schedule: Literal["linear", "constant"] = "linear"
     temperature: float = Field(1.0, gt=0, le=5.0)
@@ -326,21 +399,29 @@ class CmarConfig(Section):
         None, description="pt_inception-2015-12-05 weights (.pth); enables FID/IS")
     reference_batch: str | None = Field(
         None, description="ADM reference batch .npz (VIRTUAL_imagenet256_labeled.npz)")
+
+    @model_validator(mode="after")
+    def _fid_inputs(self) -> "CmarSampleConfig":
+        if self.reference_batch and not self.inception_weights:
+            raise ValueError("reference_batch needs inception_weights (FID is computed in Inception space)")
+        return self
+
+
+class CmarConfig(Section):
+    """Sections by reader: ``model`` (pretrain_mar, train_cmar, eval_cmar), the order keys
+    (train_cmar, eval_cmar), ``pretrain`` (pretrain_mar), ``train`` (train_cmar), ``sample``
+    (eval_cmar), so a sampling key reruns eval_cmar alone."""
+
+    model: CmarModelConfig = CmarModelConfig()
+    order: Literal["collapse", "random"] = "collapse"
+    direction: Literal["descending", "ascending"] = "descending"
+    random_order_share: float = Field(0.1, ge=0, le=1)
     train: TrainConfig = TrainConfig(steps=300, batch_size=32, lr=1e-3, ema=0.999, ckpt_every=100)
     pretrain: TrainConfig = Field(
         TrainConfig(steps=3000, batch_size=32, lr=1e-3, ckpt_every=500),
         description="pretrain_mar: MAR in random order on the pretrain pool, the start of "
-        "every train_cmar variant (unused when cmar.pretrained is set)")
-
-    @model_validator(mode="after")
-    def _cmar_checks(self) -> "CmarConfig":
-        for side in ("enc", "dec"):
-            dim, heads = getattr(self, f"{side}_dim"), getattr(self, f"{side}_heads")
-            if dim % heads:
-                raise ValueError(f"{side}_dim ({dim}) must be divisible by {side}_heads ({heads})")
-        if self.reference_batch and not self.inception_weights:
-            raise ValueError("reference_batch needs inception_weights (FID is computed in Inception space)")
-        return self
+        "every train_cmar variant (unused when cmar.model.pretrained is set)")
+    sample: CmarSampleConfig = CmarSampleConfig()
 
 
 # ----------------------------------------------------------------------------- root
@@ -354,6 +435,7 @@ class Params(Section):
     tokenizer: TokenizerConfig = TokenizerConfig()
     latents: LatentsConfig = LatentsConfig()
     comae: ComaeConfig = ComaeConfig()
+    comae_probe: ComaeProbeConfig = ComaeProbeConfig()
     orders: OrdersConfig = OrdersConfig()
     judge: JudgeConfig = JudgeConfig()
     cvit: CvitConfig = CvitConfig()

@@ -14,6 +14,7 @@ with the traceback.
 # commands at runtime, and they close over the table entry.
 import enum
 import importlib
+import json
 import os
 import sys
 from dataclasses import dataclass
@@ -24,7 +25,8 @@ from typing import Annotated, Optional
 import typer
 from typer.exceptions import TyperException  # typer's usage errors (bad option, bad choice)
 
-from pipeline.config import VARIANTS, ParamsError, load_params, params_dict
+from pipeline.config import VARIANTS, ParamsError, load_params, params_dict, trace_reads
+from pipeline.utils.io import atomic_write_json
 from stages.orders_cli import orders_app
 
 DISTRIBUTION = "collapse-of-patches"
@@ -57,7 +59,7 @@ STAGES = (
     Stage("train_comae", "Train the Collapse Masked Autoencoder on the latent store. Resumes; torchrun-able.",
           ("cop train-comae -S comae.lambda=0", "torchrun --nproc-per-node 8 -m stages.train_comae")),
     Stage("probe_comae", "Train CoMAE on copy-mechanism grids (known sources) and score precision@1.",
-          ("cop probe-comae", "cop probe-comae -S comae.probe_steps=2000")),
+          ("cop probe-comae", "cop probe-comae -S comae_probe.steps=2000")),
     Stage("export_orders", "Dependency matrices -> PageRank -> collapse-order shards (+ class orders, plots).",
           ("cop export-orders", "cop export-orders -S orders.flip=map -S orders.topk=16")),
     Stage("train_judge", "Train the judge: a CNN classifier of real images that scores samples and "
@@ -82,7 +84,7 @@ STAGES = (
           ("mar", "cmar_asc", "cmar")),
     Stage("eval_cmar", "Sample CMAR, MAR and CMAR-ascending in class / training-image / random order and score them "
           "beside real, decoded and shuffled controls with the judge (Tab. 2-4).",
-          ("cop eval-cmar", "cop eval-cmar -S cmar.cfg=1.5 -S cmar.num_iter=64")),
+          ("cop eval-cmar", "cop eval-cmar -S cmar.sample.cfg=1.5 -S cmar.sample.num_iter=64")),
     Stage("report", "Write data/report.html: metrics tables, orders vs baselines, curves, order "
           "pictures, Fig. 8 and samples in one self-contained page (no network needed).",
           ("cop report", "xdg-open data/report.html")),
@@ -125,7 +127,13 @@ def _root(
 
 def _run_stage(stage: Stage, params_path: Path, overrides: list[str] | None, **kwargs) -> None:
     params = load_params(params_path, overrides)
+    trace = os.environ.get("COP_PARAMS_TRACE")  # a folder: record the params this stage reads
+    reads = trace_reads(params) if trace else None
     importlib.import_module(f"stages.{stage.name}").run(params, **kwargs)
+    if reads is not None:
+        path = Path(trace) / f"{stage.name}.json"  # a matrix stage's runs add to one file
+        old = set(json.loads(path.read_text())) if path.exists() else set()
+        atomic_write_json(path, sorted(old | reads))
 
 
 def _examples(stage: Stage) -> str:

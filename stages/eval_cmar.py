@@ -7,12 +7,12 @@ pretraining, same fine-tune steps, random order) sampled in random order and in 
 order (Tab. 2's MAR+C); CMAR trained and sampled ascending (Tab. 4). Controls, scored the
 same way: real val images, real val latents decoded by the tokenizer (the ceiling of any
 generator under this tokenizer) and real val tokens shuffled across images and positions
-(the right tokens, no context). ``cmar.sample_order`` picks which CMAR row is the headline.
+(the right tokens, no context). ``cmar.sample.sample_order`` picks which CMAR row is the headline.
 
 Each row: the judge's accuracy on the conditioning class (Wilson 95% interval), Fréchet
 distance of judge features to the reference half of val (bootstrap interval), precision,
 recall and neighbour colour correlation (bootstrap interval): :mod:`pipeline.metrics.generation`.
-With ``cmar.inception_weights`` the CMAR headline row also gets FID/IS.
+With ``cmar.sample.inception_weights`` the CMAR headline row also gets FID/IS.
 
 Writes ``data/reports/cmar.json`` (every row, the params, the models' training configs),
 ``data/metrics/cmar.json`` (flat headline), ``data/cmar_samples/<row>/grid.png`` and the
@@ -46,6 +46,7 @@ from pipeline.utils.io import atomic_write_json
 def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
     data_dir = Path(data_dir)
     cfg = params.cmar
+    sample = cfg.sample  # the sampling keys; the models' own come from their runs
     dev = pick_device()
     store = LatentStore(data_dir / "latents" / "train.zarr")
     val_store = LatentStore(data_dir / "latents" / "val.zarr")
@@ -54,14 +55,14 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
     models, trained = {}, {}
     for v in CMAR_VARIANTS:
         models[v], trained[v] = load_cmar(data_dir / "cmar" / v, variant_config(cfg, v))
-        check_eval_inputs(cfg, models[v].to(dev), classes, orders)
+        check_eval_inputs(sample, models[v].to(dev), classes, orders)
     judge, _ = load_judge(data_dir / "judge")
     judge.to(dev)
     tokenizer = latents_tokenizer(params.tokenizer, data_dir / "latents", dev)
     val = ImageSet(data_dir / "images" / "val")
     grid = store.grid
-    n_per_row = len(classes) * cfg.samples_per_class
-    ref_rows, ctl_rows = split_val(np.asarray(val.labels), len(classes), cfg.samples_per_class)
+    n_per_row = len(classes) * sample.samples_per_class
+    ref_rows, ctl_rows = split_val(np.asarray(val.labels), len(classes), sample.samples_per_class)
     ref_feats = judge_outputs(judge, np.stack([val.image(int(i)) for i in ref_rows]))[0]
 
     def score(images: np.ndarray, labels: np.ndarray, seed: int) -> dict[str, Any]:
@@ -76,19 +77,19 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
     controls = {
         "real val images": real,
         "real val latents, decoded": decode_to_images(tokenizer, torch.as_tensor(tokens), store.scale_factor,
-                                                      cfg.eval_batch_size, dev),
+                                                      sample.eval_batch_size, dev),
         "real val tokens, shuffled": decode_to_images(tokenizer, shuffled, store.scale_factor,
-                                                      cfg.eval_batch_size, dev),
+                                                      sample.eval_batch_size, dev),
     }
     rows: dict[str, dict[str, Any]] = {}
     for j, (name, images) in enumerate(controls.items()):
         rows[name] = {"kind": "control", **score(images, ctl_labels, params.seed + j)}
 
     samples: dict[str, np.ndarray] = {}
-    labels = np.repeat(np.arange(len(classes)), cfg.samples_per_class)
+    labels = np.repeat(np.arange(len(classes)), sample.samples_per_class)
     for j, (name, variant, order) in enumerate(COMPARISONS):
         t0 = time.perf_counter()
-        images = sample_row(models[variant], cfg, trained[variant]["cmar"]["direction"], order, labels,
+        images = sample_row(models[variant], sample, trained[variant]["cmar"]["direction"], order, labels,
                             orders, tokenizer, store.scale_factor, params.seed, dev)
         seconds = time.perf_counter() - t0
         samples[name] = images
@@ -96,17 +97,17 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
                       **score(images, labels, params.seed + 10 + j),
                       "sampling_s_per_image": round(seconds / max(len(images), 1), 5)}
         save_png(data_dir / "cmar_samples" / safe_name(name) / "grid.png",
-                 image_grid(images, cfg.samples_per_class))
+                 image_grid(images, sample.samples_per_class))
         print(f"[eval_cmar] {name}: {len(images)} samples in {seconds:.0f} s", flush=True)
 
-    head = next(n for n, v, o in COMPARISONS if v == "cmar" and o == cfg.sample_order)
-    rows[head].update(inception_metrics(cfg, samples[head], real, dev))
+    head = next(n for n, v, o in COMPARISONS if v == "cmar" and o == sample.sample_order)
+    rows[head].update(inception_metrics(sample, samples[head], real, dev))
     plot_samples(data_dir / "plots" / "cmar_samples.png", real, ctl_labels, samples, labels, classes,
-                 per_class=min(4, cfg.samples_per_class))
+                 per_class=min(4, sample.samples_per_class))
     report = {"rows": rows, "headline_row": head, "chance": 1 / len(classes),
               "reference_images": len(ref_rows), "samples_per_row": n_per_row,
               "feature_space": "judge CNN pooled features (data/judge); fd is not an FID",
-              "params": params_dict(cfg), "models": trained, "classes": classes}
+              "params": {"sample": params_dict(sample)}, "models": trained, "classes": classes}
     atomic_write_json(data_dir / "reports" / "cmar.json", report)
     atomic_write_json(data_dir / "metrics" / "cmar.json", headline(rows, head))
     print(format_rows(rows, 1 / len(classes)), flush=True)

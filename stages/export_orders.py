@@ -43,7 +43,9 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> None:
     info = init_distributed()
     try:
         device = pick_device(info.local_rank)
-        model, comae_info = load_comae(data_dir / "comae", expect=params.comae)
+        # the trained model is the source of truth (its config is recorded in the manifest);
+        # DVC reruns train_comae before this stage when the comae params change
+        model, comae_info = load_comae(data_dir / "comae")
         model = model.to(device).eval()
         ident = comae_identity(comae_info)
         results: dict[str, SplitResult] = {}

@@ -92,7 +92,7 @@ def _write_report(data_dir: Path, params: Params, tok: Tokenizer, results: dict[
     report = {
         "format": FORMAT,
         "tokenizer": tok.identity(),
-        "params": {k: params_dict(params)[k] for k in ("tokenizer", "latents")},
+        "params": {k: params_dict(getattr(params, k)) for k in ("tokenizer", "latents")},
         "world": results["train"]["world"],
         "splits": results,
         "skipped_inputs": {s: _skipped_inputs(data_dir / "images" / s) for s in sets},

@@ -4,7 +4,7 @@ It learns from the pretrain pool's latents (``data/latents/pretrain.zarr``; ``tr
 when there is none), with no collapse orders, for ``cmar.pretrain.steps``. Every
 ``train_cmar`` variant (CMAR, the MAR baseline, CMAR ascending) fine-tunes from these
 weights for the same number of steps, as the paper fine-tunes MAR-B into CMAR. With
-``cmar.pretrained`` (MAR-B's checkpoint, full profile) the published weights play this part
+``cmar.model.pretrained`` (MAR-B's checkpoint, full profile) the published weights play this part
 and this stage trains nothing; it records that.
 """
 
@@ -26,20 +26,22 @@ HEADLINE = ("loss", "train_steps", "wall_time_s", "items_per_s", "train_images")
 
 def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
     data_dir = Path(data_dir)
-    cfg = params.cmar.model_copy(update={"order": "random"})
+    # random orders only: the order keys of train_cmar play no part (nor enter the stored config)
+    cfg = params.cmar.model_copy(update={"order": "random", "direction": "descending",
+                                         "random_order_share": 1.0})
     out_dir = data_dir / "pretrain_mar"
-    if cfg.pretrained:
-        record = {"published": str(cfg.pretrained), "train_steps": 0}
+    if cfg.model.pretrained:
+        record = {"published": str(cfg.model.pretrained), "train_steps": 0}
         atomic_write_json(out_dir / "published.json", record)
         atomic_write_json(data_dir / "metrics" / "pretrain_mar.json", record)
-        print(f"[pretrain_mar] cmar.pretrained is set: the CMAR variants start from {cfg.pretrained}")
+        print(f"[pretrain_mar] cmar.model.pretrained is set: the CMAR variants start from {cfg.model.pretrained}")
         return record
     info = init_distributed()
     try:
         store = LatentStore(pretrain_split(data_dir / "latents", ".zarr"), in_memory=True)
         model, _ = build_cmar(cfg, store, seed=params.seed)
         task = CmarTask(model, cfg, store.scale_factor, extra_config={"stage": "pretrain_mar"})
-        dataset = CmarDataset(TokenGridDataset(store), with_moments=cfg.posterior_sample)
+        dataset = CmarDataset(TokenGridDataset(store), with_moments=cfg.model.posterior_sample)
         trainer = Trainer(task, dataset, cfg.pretrain, out_dir, inputs={"latents": store.identity},
                           log_csv=data_dir / "plots" / "pretrain_mar_train.csv",
                           metrics_json=data_dir / "reports" / "pretrain_mar.json", desc="pretrain_mar")

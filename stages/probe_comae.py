@@ -2,7 +2,7 @@
 
 Trains a CoMAE with the configured architecture and losses on the train latents turned into
 copy-mechanism grids (:mod:`pipeline.metrics.mechanism`: half of each grid copies the other
-half, shifted or mirrored, the mechanism differing between images), for ``comae.probe_steps``
+half, shifted or mirrored, the mechanism differing between images), for ``comae_probe.steps``
 steps, then scores its val dependency rows by precision@1 against the true sources. Writes
 ``data/comae_probe/`` (the probe model) and ``data/metrics/comae_probe.json``.
 """
@@ -29,7 +29,7 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
     info = init_distributed()
     try:
         store = LatentStore(data_dir / "latents" / "train.zarr", in_memory=True)
-        train_cfg = cfg.train.model_copy(update={"steps": cfg.probe_steps})
+        train_cfg = cfg.train.model_copy(update={"steps": params.comae_probe.steps})
         cfg = cfg.model_copy(update={"train": train_cfg})  # schedules follow the probe's length
         task = build_comae(cfg, store, params.seed, probe="copy-mechanism")
         trainer = Trainer(task, MechanismDataset(TokenGridDataset(store)), cfg.train,

@@ -6,8 +6,8 @@ weights for the same ``cmar.train.steps``: ``cmar`` in collapse order (``cmar.or
 ``cmar_asc`` in ascending collapse order (Tab. 4).
 
 Inputs: the train latents (``data/latents/train.zarr``) joined with their collapse orders
-(``data/orders/train``, the flipped orders included). With ``cmar.pretrained`` (MAR's
-``checkpoint-last.pth``) the model starts from that checkpoint (``cmar.pretrained_key``,
+(``data/orders/train``, the flipped orders included). With ``cmar.model.pretrained`` (MAR's
+``checkpoint-last.pth``) the model starts from that checkpoint (``cmar.model.pretrained_key``,
 default the EMA weights MAR evaluates) and fine-tunes; otherwise it trains from scratch at
 the configured (small, by default) size. The shared trainer does resume, DDP (torchrun),
 EMA and bf16. Writes ``data/cmar/{model,model_ema}.safetensors``, ``config.json`` (what
@@ -41,17 +41,14 @@ def run(params: Params, variant: str = "cmar", data_dir: Path | str = Path("data
         orders = CollapseOrders(data_dir / "orders" / "train")
         # Bad input, before any work: orders for another grid (or tokenizer) than the latents.
         ordered = OrderedTokenDataset(store, orders)
-        if cfg.sample_order == "class" and orders.class_orders is None:
-            raise ValueError(f"{orders.path} has no class-level orders; eval needs them for "
-                             "cmar.sample_order=class")
-        model, pre = build_cmar(cfg, store, init=None if cfg.pretrained else data_dir / "pretrain_mar",
+        model, pre = build_cmar(cfg, store, init=None if cfg.model.pretrained else data_dir / "pretrain_mar",
                                 seed=params.seed)
         if orders.grid != model.grid:
             raise ValueError(f"orders are for a {orders.grid}x{orders.grid} grid, the model has "
                              f"{model.grid}x{model.grid}")
         task = CmarTask(model, cfg, store.scale_factor,
                         extra_config={"pretrained_sha256": pre.get("pretrained_sha256")})
-        dataset = CmarDataset(ordered, with_moments=cfg.posterior_sample)
+        dataset = CmarDataset(ordered, with_moments=cfg.model.posterior_sample)
         out_dir = data_dir / "cmar" / variant
         trainer = Trainer(task, dataset, cfg.train, out_dir,
                           inputs={"latents": store.identity, "orders": orders.identity},

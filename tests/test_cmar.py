@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.config import CmarConfig, TrainConfig
+from pipeline.config import CmarConfig, CmarModelConfig, CmarSampleConfig, TrainConfig
 from pipeline.models.mar import MAR, mask_by_order
 from pipeline.tasks.cmar import (CmarTask, build_mar, generate, sampling_orders,
                                  to_mar_orders, train_config)
@@ -18,13 +18,15 @@ GRID, DIM, B, C = 4, 4, 8, 3
 N = GRID * GRID
 
 
-def cmar_cfg(**kw) -> CmarConfig:
-    base = dict(enc_dim=32, enc_depth=1, enc_heads=4, dec_dim=32, dec_depth=1, dec_heads=4,
-                buffer_size=2, diffloss_d=1, diffloss_w=32, num_sampling_steps="5",
-                diffusion_batch_mul=2, train=TrainConfig(steps=4, batch_size=B, lr=1e-3, ema=0.9,
-                                                         ckpt_every=2, log_every=1, precision="fp32"))
-    base.update(kw)
-    return CmarConfig(**base)
+def cmar_cfg(sample: dict | None = None, **kw) -> CmarConfig:
+    """A tiny CMAR config; ``kw``: the order keys; ``sample``: sampling keys."""
+    model = CmarModelConfig(enc_dim=32, enc_depth=1, enc_heads=4, dec_dim=32, dec_depth=1,
+                            dec_heads=4, buffer_size=2, diffloss_d=1, diffloss_w=32,
+                            diffusion_batch_mul=2)
+    base = dict(model=model, sample=CmarSampleConfig(**{"num_sampling_steps": "5", **(sample or {})}),
+                train=TrainConfig(steps=4, batch_size=B, lr=1e-3, ema=0.9, ckpt_every=2,
+                                  log_every=1, precision="fp32"))
+    return CmarConfig(**{**base, **kw})
 
 
 class Spy(nn.Module):
@@ -138,7 +140,8 @@ def test_task_randomness_is_independent_of_world_size():
 
 
 def test_train_config_leaves_out_sampling_params():
-    a, b = train_config(cmar_cfg(cfg=3.0, num_iter=16)), train_config(cmar_cfg(cfg=1.0, num_iter=64))
+    a = train_config(cmar_cfg(sample={"cfg": 3.0, "num_iter": 16, "num_sampling_steps": "5"}))
+    b = train_config(cmar_cfg(sample={"cfg": 1.0, "num_iter": 64, "num_sampling_steps": "ddim5"}))
     assert a == b
     assert train_config(cmar_cfg(direction="ascending")) != a
 
@@ -170,7 +173,7 @@ def test_sampling_orders_sources():
 
 def test_generate_grids():
     cfg = cmar_cfg()
-    model = build_mar(cfg, GRID, DIM, C)
+    model = build_mar(cfg, GRID, DIM, C, cfg.sample.num_sampling_steps)
     labels = np.array([0, 1, 2])
     orders = torch.stack([torch.randperm(N) for _ in range(3)])
     grids = generate(model, labels, orders, num_iter=2, cfg=2.0, cfg_schedule="linear", temperature=1.0,
@@ -218,12 +221,15 @@ def test_mar_arch_maps_the_cmar_params_and_seeds_the_init():
     from pipeline.tasks.cmar import build_cmar, mar_arch
 
     cfg = cmar_cfg()
-    arch = mar_arch(cfg, GRID, DIM, C)
-    assert (arch.encoder_embed_dim, arch.encoder_depth, arch.encoder_num_heads) == (cfg.enc_dim, cfg.enc_depth, cfg.enc_heads)
-    assert (arch.decoder_embed_dim, arch.decoder_depth, arch.decoder_num_heads) == (cfg.dec_dim, cfg.dec_depth, cfg.dec_heads)
+    m, steps = cfg.model, cfg.sample.num_sampling_steps
+    arch = mar_arch(cfg, GRID, DIM, C, steps)
+    assert (arch.encoder_embed_dim, arch.encoder_depth, arch.encoder_num_heads) == (m.enc_dim, m.enc_depth, m.enc_heads)
+    assert (arch.decoder_embed_dim, arch.decoder_depth, arch.decoder_num_heads) == (m.dec_dim, m.dec_depth, m.dec_heads)
     assert (arch.diffloss_d, arch.diffloss_w, arch.buffer_size, arch.num_sampling_steps) == (
-        cfg.diffloss_d, cfg.diffloss_w, cfg.buffer_size, cfg.num_sampling_steps)
-    assert build_mar(cfg, GRID, DIM, C).arch == arch and MarArch.from_dict(arch.to_dict()) == arch
+        m.diffloss_d, m.diffloss_w, m.buffer_size, steps)
+    assert build_mar(cfg, GRID, DIM, C, steps).arch == arch
+    assert MarArch.from_dict(arch.to_dict()) == arch
+    assert mar_arch(cfg, GRID, DIM, C).num_sampling_steps == MarArch().num_sampling_steps  # training
     with pytest.raises(ValueError, match="unknown"):
         MarArch.from_dict({**arch.to_dict(), "enc_dim": 8})
     store = SimpleNamespace(classes=list(range(C)), grid=GRID, dim=DIM)

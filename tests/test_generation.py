@@ -64,7 +64,7 @@ def test_split_val_keeps_reference_and_controls_apart():
     labels = np.repeat(np.arange(3), 6)
     ref, ctl = split_val(labels, 3, 3)
     assert not set(ref) & set(ctl) and len(ctl) == 9 and np.bincount(labels[ctl]).tolist() == [3, 3, 3]
-    with pytest.raises(ValueError, match="2 x cmar.samples_per_class"):
+    with pytest.raises(ValueError, match="2 x cmar.sample.samples_per_class"):
         split_val(labels, 3, 4)
 
 

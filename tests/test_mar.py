@@ -232,8 +232,9 @@ def test_bad_orders_labels_cfg_temperature():
 def test_config_rejects_out_of_range_values():
     from pipeline.config import ParamsError, parse_params
 
-    for bad in ({"cfg": 0.5}, {"temperature": 0}, {"temperature": 9}, {"random_order_share": 1.5},
-                {"direction": "sideways"}, {"enc_dim": 30, "enc_heads": 4}, {"num_sampling_steps": "abc"}):
+    for bad in ({"sample": {"cfg": 0.5}}, {"sample": {"temperature": 0}}, {"sample": {"temperature": 9}},
+                {"random_order_share": 1.5}, {"direction": "sideways"},
+                {"model": {"enc_dim": 30, "enc_heads": 4}}, {"sample": {"num_sampling_steps": "abc"}}):
         with pytest.raises(ParamsError):
             parse_params({"cmar": bad})
 

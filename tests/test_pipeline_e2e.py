@@ -54,11 +54,102 @@ def repo(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     return root, env
 
 
+# (stage, key): tracked by the stage although this smoke run does not read it, with the reason.
+# Every other tracked key must be read, and every read key tracked (test below).
+# (list_source runs on every repro, `always_changed`: its params record values, never decide.)
+TRACKED_UNREAD = {
+    ("probe_comae", "comae.train.steps"): "replaced by comae_probe.steps, the probe's length",
+    ("train_judge", "tokenizer.checkpoint"): "read when tokenizer.kind is kl16",
+    ("eval_cmar", "tokenizer.checkpoint"): "read when tokenizer.kind is kl16",
+    ("train_cvit", "cvit.allow_missing_keys"): "read when cvit.pretrained is set",
+}
+# Keys whose edit is checked through `dvc status`: every key of the probe, sampling and
+# evaluation sections, and a sample of the others (all of them would take minutes).
+STATUS_KEYS = (
+    "comae_probe.steps", *(f"cmar.sample.{k}" for k in TINY["cmar"]["sample"]),
+    "cvit.seeds", "cvit.eval_ratios", "cvit.eval_batch_size", "cvit.eval_random_draws",
+    "cvit.eval_bootstrap", "orders.report_images",
+    "seed", "comae.lambda", "comae.train.log_every", "comae.select_head", "cmar.model.enc_dim",
+    "cmar.order", "cmar.train.steps", "cmar.pretrain.steps", "cvit.pretrain.distill",
+    "cvit.train.lr", "cvit.train.seed", "judge.width", "tokenizer.kind", "latents.rows_per_chunk",
+    "data.synthetic.seed", "data.crop_size", "orders.damping",
+)
+
+
+def _leaves(d: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_leaves(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def _other(value: object) -> object:
+    """Another value of the same kind (dvc status compares values; nothing validates them)."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 1
+    if isinstance(value, list):
+        return value[::-1] if len(value) > 1 else value + value
+    return 1 if value is None else f"{value}x"
+
+
+def _check_params_follow_readers(root: Path, env: dict[str, str], trace: Path) -> None:
+    """dvc.yaml's params are exactly what each stage's code reads (``COP_PARAMS_TRACE``: the
+    keys read from the params, or dumped into a stored config, during the repro), and editing
+    a key makes `dvc status` report exactly its readers."""
+    from dvc.repo import Repo
+
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    keys = _leaves(raw)
+    stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    reads = {name: set(json.loads((trace / f"{name}.json").read_text()))
+             if (trace / f"{name}.json").exists() else set() for name in stages}
+    problems = []
+    for name, stage in stages.items():
+        if stage.get("always_changed"):
+            continue
+        tracked_at = (stage.get("do", stage).get("params") or [])
+        tracked = {k for k in keys if any(k == t or k.startswith(f"{t}.") for t in tracked_at)}
+        allowed = {k for (s, k) in TRACKED_UNREAD if s == name}
+        problems += [f"{name} reads {k}, which dvc.yaml does not track" for k in sorted(reads[name] - tracked)]
+        problems += [f"{name} tracks {k}, which it does not read" for k in sorted(tracked - reads[name] - allowed)]
+        problems += [f"TRACKED_UNREAD: {name} does read {k}" for k in sorted(allowed & reads[name])]
+    assert not problems, "\n".join(problems)
+
+    original = (root / "params.yaml").read_text()
+    try:
+        for key in STATUS_KEYS:
+            edited = yaml.safe_load(original)
+            *parents, leaf = key.split(".")
+            node = edited
+            for p in parents:
+                node = node[p]
+            node[leaf] = _other(node[leaf])
+            (root / "params.yaml").write_text(yaml.safe_dump(edited, sort_keys=False))
+            with Repo(str(root)) as repo_:  # `dvc status --json`, without a process per key
+                status = repo_.status()
+            # names: "[path/dvc.yaml:]stage[@item]" -> stage
+            bases = {name: name.split(":")[-1].split("@")[0] for name in status}
+            changed = {bases[name] for name, why in status.items()
+                       if not stages[bases[name]].get("always_changed")
+                       and any(isinstance(w, dict) and "params.yaml" in w.get("changed deps", {})
+                               for w in why)}
+            readers = {name for name in stages if not stages[name].get("always_changed")
+                       and (key in reads[name] or (name, key) in TRACKED_UNREAD)}
+            assert changed == readers, (key, changed, readers)
+    finally:
+        (root / "params.yaml").write_text(original)
+
+
 @pytest.mark.slow
 def test_dvc_repro_and_experiments(repo):
     root, env = repo
     dvc = [sys.executable, "-m", "dvc"]
-    _run(dvc + ["repro"], root, env)
+    trace = root.parent / f"{root.name}-params-read"
+    _run(dvc + ["repro"], root, {**env, "COP_PARAMS_TRACE": str(trace)})
+    _check_params_follow_readers(root, env, trace)
 
     metrics = json.loads(_run(dvc + ["metrics", "show", "--json"], root, env).stdout)
     flat = json.dumps(metrics)

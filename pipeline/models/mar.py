@@ -388,7 +388,7 @@ def load_mar_state(model: MAR, state: dict[str, Tensor], allow_missing: bool = F
         problems.append(f"{len(unexpected)} unexpected keys: {unexpected[:10]}")
     if missing and not allow_missing:
         problems.append(f"{len(missing)} missing keys: {missing[:10]} "
-                        "(set cmar.allow_missing_keys=true to start those from scratch)")
+                        "(set cmar.model.allow_missing_keys=true to start those from scratch)")
     if problems:
         raise ValueError("MAR checkpoint does not fit the model:\n" + "\n".join(problems))
     model.load_state_dict(state, strict=False)

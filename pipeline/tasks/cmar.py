@@ -18,7 +18,7 @@ mask ratio is ONE number per step (the encoder drops the same count in every row
 the step generator's first draw, the same on every rank. Nothing here reads the global RNG.
 
 Latents. MAR trains on posterior samples of the VAE (``posterior.sample() * 0.2325``); with
-``cmar.posterior_sample`` (default) the task draws them from the stored moments with the
+``cmar.model.posterior_sample`` (default) the task draws them from the stored moments with the
 step's noise; otherwise it uses the posterior means.
 """
 
@@ -41,8 +41,6 @@ from pipeline.utils.io import sha256_file
 
 # CmarConfig keys that only affect sampling/evaluation: changing them must not retrain.
 TASK_KIND = "cmar"  # config.json's task kind of pretrain_mar and train_cmar runs
-EVAL_ONLY_KEYS = ("sample_order", "num_iter", "num_sampling_steps", "cfg", "cfg_schedule", "temperature",
-                  "samples_per_class", "inception_weights", "reference_batch", "eval_batch_size")
 
 
 # The models of the CMAR comparisons (Tab. 2, 4), fine-tuned alike from pretrain_mar:
@@ -70,12 +68,9 @@ def to_mar_orders(collapse: Tensor, direction: str) -> Tensor:
 
 
 def train_config(cfg: CmarConfig) -> dict[str, Any]:
-    """The part of the CMAR params that determines training (stored with checkpoints)."""
-    d = cfg.model_dump(mode="json", by_alias=True)
-    d.pop("train", None)
-    for k in EVAL_ONLY_KEYS:
-        d.pop(k, None)
-    return d
+    """The part of the CMAR params that determines training (stored with checkpoints): not the
+    training schedules (the trainer stores its own) nor the sampling keys."""
+    return cfg.model_dump(mode="json", by_alias=True, exclude={"train", "pretrain", "sample"})
 
 
 # cmar params -> MAR's names (LTH14/mar's), for the fields whose names differ
@@ -84,18 +79,25 @@ _MAR_NAMES = {"enc_dim": "encoder_embed_dim", "enc_depth": "encoder_depth",
               "dec_depth": "decoder_depth", "dec_heads": "decoder_num_heads"}
 
 
-def mar_arch(cfg: CmarConfig, grid: int, token_dim: int, num_classes: int) -> MarArch:
-    """The MAR the ``cmar`` params describe, for the latent store's geometry."""
-    fields = MarArch.__dataclass_fields__
-    named = {_MAR_NAMES.get(k, k): v for k, v in cfg.model_dump().items()}
-    return MarArch(grid=grid, token_dim=token_dim, num_classes=num_classes,
-                   **{k: v for k, v in named.items()
-                      if k in fields and k not in ("grid", "token_dim", "num_classes", "mlp_ratio")})
+# the cmar params MAR is built from (sampling keys such as num_sampling_steps are not)
+_MAR_PARAMS = (*_MAR_NAMES, "buffer_size", "label_drop_prob", "mask_ratio_min", "attn_dropout",
+               "proj_dropout", "diffloss_d", "diffloss_w", "diffusion_batch_mul")
 
 
-def build_mar(cfg: CmarConfig, grid: int, token_dim: int, num_classes: int) -> MAR:
-    """MAR from the ``cmar`` params and the latent store's geometry."""
-    return MAR.from_arch(mar_arch(cfg, grid, token_dim, num_classes))
+def mar_arch(cfg: CmarConfig, grid: int, token_dim: int, num_classes: int,
+             num_sampling_steps: str | None = None) -> MarArch:
+    """The MAR the ``cmar`` params describe, for the latent store's geometry; its sampler's
+    steps are MAR's default unless given (training never samples)."""
+    steps = {} if num_sampling_steps is None else {"num_sampling_steps": num_sampling_steps}
+    return MarArch(grid=grid, token_dim=token_dim, num_classes=num_classes, **steps,
+                   **{_MAR_NAMES.get(k, k): getattr(cfg.model, k) for k in _MAR_PARAMS})
+
+
+def build_mar(cfg: CmarConfig, grid: int, token_dim: int, num_classes: int,
+              num_sampling_steps: str | None = None) -> MAR:
+    """MAR from the ``cmar`` params and the latent store's geometry (``num_sampling_steps``:
+    for a model that samples; training leaves MAR's default)."""
+    return MAR.from_arch(mar_arch(cfg, grid, token_dim, num_classes, num_sampling_steps))
 
 
 def build_cmar(cfg: CmarConfig, store: Any, init: str | Path | None = None,
@@ -111,18 +113,19 @@ def build_cmar(cfg: CmarConfig, store: Any, init: str | Path | None = None,
     torch.manual_seed(seed)
     info: dict[str, Any] = {"pretrained": None}
     num_classes = len(store.classes)
-    if cfg.pretrained:
-        state = read_mar_checkpoint(cfg.pretrained, cfg.pretrained_key)
+    m = cfg.model
+    if m.pretrained:
+        state = read_mar_checkpoint(m.pretrained, m.pretrained_key)
         if "class_emb.weight" in state:
             num_classes = int(state["class_emb.weight"].shape[0])
         if len(store.classes) > num_classes:
             raise ValueError(f"the data has {len(store.classes)} classes, the MAR checkpoint "
                              f"embeds {num_classes}")
     model = build_mar(cfg, store.grid, store.dim, num_classes)
-    if cfg.pretrained:
-        missing = load_mar_checkpoint(model, cfg.pretrained, cfg.pretrained_key, cfg.allow_missing_keys)
-        info = {"pretrained": str(cfg.pretrained), "pretrained_sha256": sha256_file(cfg.pretrained),
-                "pretrained_key": cfg.pretrained_key, "missing_keys": missing}
+    if m.pretrained:
+        missing = load_mar_checkpoint(model, m.pretrained, m.pretrained_key, m.allow_missing_keys)
+        info = {"pretrained": str(m.pretrained), "pretrained_sha256": sha256_file(m.pretrained),
+                "pretrained_key": m.pretrained_key, "missing_keys": missing}
     elif init is not None:
         run = load_run(init)
         if run.task.get("grid") != store.grid or run.task.get("num_classes") != num_classes:
@@ -146,7 +149,7 @@ def load_cmar(model_dir: str | Path, cfg: CmarConfig) -> tuple[MAR, dict[str, An
                              "re-run train_cmar (dvc repro / dvc exp run does this)")
         # the stored network, sampled with this evaluation's diffusion steps
         return MAR.from_arch(MarArch.from_dict({**task["arch"],
-                                                "num_sampling_steps": cfg.num_sampling_steps}))
+                                                "num_sampling_steps": cfg.sample.num_sampling_steps}))
 
     model, run = load_trained(model_dir, build, kind=TASK_KIND)
     return model, {**run.task, "weights": run.weights.name}
@@ -288,5 +291,5 @@ def generate(model: MAR, labels: np.ndarray, orders: Tensor, num_iter: int, cfg:
     return torch.cat(out) if out else torch.zeros(0, model.token_embed_dim, model.grid, model.grid)
 
 
-__all__ = ["CMAR_VARIANTS", "CmarDataset", "CmarTask", "EVAL_ONLY_KEYS", "variant_config", "build_cmar", "build_mar", "generate", "load_cmar", "mar_arch",
+__all__ = ["CMAR_VARIANTS", "CmarDataset", "CmarTask", "variant_config", "build_cmar", "build_mar", "generate", "load_cmar", "mar_arch",
            "sampling_orders", "to_mar_orders", "train_config"]

@@ -3,8 +3,8 @@
 Rows: :data:`COMPARISONS` (which model, sampled in which order); each is scored, like the
 controls, in the judge's feature space by :func:`pipeline.metrics.generation.score_images`.
 Also:
-- with ``cmar.inception_weights`` (the FID Inception): ``fid`` and ``is_mean``/``is_std``,
-  against ``cmar.reference_batch`` (ADM's .npz: its mu/sigma for FID, its images for
+- with ``cmar.sample.inception_weights`` (the FID Inception): ``fid`` and ``is_mean``/``is_std``,
+  against ``cmar.sample.reference_batch`` (ADM's .npz: its mu/sigma for FID, its images for
   ``precision``/``recall``), else against the real val images (then named ``fid_val``).
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.config import CmarConfig
+from pipeline.config import CmarSampleConfig
 from pipeline.metrics.fid import (feature_stats, frechet_distance, inception_features,
                                   inception_score, precision_recall, read_reference_batch)
 from pipeline.models.mar import MAR
@@ -37,7 +37,7 @@ COMPARISONS: tuple[tuple[str, str, str], ...] = (
 )
 
 
-def check_eval_inputs(cfg: CmarConfig, model: MAR, classes: list[str], orders: Any) -> None:
+def check_eval_inputs(cfg: CmarSampleConfig, model: MAR, classes: list[str], orders: Any) -> None:
     """Bad input stops here, before any sampling."""
     if len(classes) > model.num_classes:
         raise ValueError(f"{len(classes)} classes in the data, the model embeds {model.num_classes}")
@@ -47,12 +47,12 @@ def check_eval_inputs(cfg: CmarConfig, model: MAR, classes: list[str], orders: A
     if orders.class_orders is None:
         raise ValueError(f"{orders.path} has no class-level orders (class_orders.npy)")
     if cfg.num_iter > model.seq_len:
-        raise ValueError(f"cmar.num_iter={cfg.num_iter} exceeds the {model.seq_len} tokens of a "
+        raise ValueError(f"cmar.sample.num_iter={cfg.num_iter} exceeds the {model.seq_len} tokens of a "
                          f"{model.grid}x{model.grid} grid (each step reveals at least one)")
     if cfg.inception_weights and not Path(cfg.inception_weights).is_file():
-        raise FileNotFoundError(f"cmar.inception_weights {cfg.inception_weights} not found")
+        raise FileNotFoundError(f"cmar.sample.inception_weights {cfg.inception_weights} not found")
     if cfg.reference_batch and not Path(cfg.reference_batch).is_file():
-        raise FileNotFoundError(f"cmar.reference_batch {cfg.reference_batch} not found")
+        raise FileNotFoundError(f"cmar.sample.reference_batch {cfg.reference_batch} not found")
 
 
 def split_val(labels: np.ndarray, num_classes: int, per_class: int) -> tuple[np.ndarray, np.ndarray]:
@@ -66,12 +66,12 @@ def split_val(labels: np.ndarray, num_classes: int, per_class: int) -> tuple[np.
         take = rows[1::2][:per_class]
         if len(take) < per_class:
             raise ValueError(f"class {c} has {len(rows)} val images; the controls need "
-                             f"2 x cmar.samples_per_class = {2 * per_class}")
+                             f"2 x cmar.sample.samples_per_class = {2 * per_class}")
         ctl.append(take)
     return np.concatenate(ref), np.concatenate(ctl)
 
 
-def sample_row(model: MAR, cfg: CmarConfig, direction: str, order: str, labels: np.ndarray,
+def sample_row(model: MAR, cfg: CmarSampleConfig, direction: str, order: str, labels: np.ndarray,
                orders: Any, tokenizer: Any, scale_factor: float, seed: int,
                device: torch.device) -> np.ndarray:
     """uint8 samples [n, H, W, 3] of ``labels`` generated in ``order`` (one seeded stream per
@@ -140,7 +140,7 @@ def plot_samples(path: Path, real: np.ndarray, real_labels: np.ndarray, samples:
     plt.close(fig)
 
 
-def inception_metrics(cfg: CmarConfig, images: np.ndarray, real: np.ndarray,
+def inception_metrics(cfg: CmarSampleConfig, images: np.ndarray, real: np.ndarray,
                       device: torch.device) -> dict[str, Any]:
     """FID / IS / precision / recall with the FID Inception; empty without its weights."""
     if not cfg.inception_weights:

@@ -181,7 +181,7 @@ def _rebuild(path: str | Path, expect: ComaeConfig | None):
     def build(stored: dict[str, Any]) -> CoMAE:
         if expect is not None:
             want = {"grid": stored.get("grid"), "token_dim": stored.get("token_dim"),
-                    "comae": expect.model_dump(mode="json", by_alias=True)}
+                    "comae": {k: getattr(expect, k) for k in ARCH_FIELDS}}
             diff = arch_mismatch(stored, want)
             if diff:
                 raise ComaeError(
