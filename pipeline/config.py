@@ -203,6 +203,15 @@ class TrainConfig(Section):
 # ----------------------------------------------------------------------------- CoMAE
 
 
+def _heads_divide(section: BaseModel) -> Any:
+    """An encoder/decoder section's widths must split evenly over their attention heads."""
+    for side in ("enc", "dec"):
+        dim, heads = getattr(section, f"{side}_dim"), getattr(section, f"{side}_heads")
+        if dim % heads:
+            raise ValueError(f"{side}_dim ({dim}) must be divisible by {side}_heads ({heads})")
+    return section
+
+
 class ComaeConfig(Section):
     # Paper Sec. 8: encoder 256 / decoder 64 (Sec. 4 says the reverse; both are params).
     enc_dim: int = Field(64, ge=8)
@@ -238,12 +247,8 @@ class ComaeConfig(Section):
     train: TrainConfig = TrainConfig(steps=600, batch_size=16, lr=1e-3, ckpt_every=200)
 
     @model_validator(mode="after")
-    def _heads_divide(self) -> "ComaeConfig":
-        for side in ("enc", "dec"):
-            dim, heads = getattr(self, f"{side}_dim"), getattr(self, f"{side}_heads")
-            if dim % heads:
-                raise ValueError(f"{side}_dim ({dim}) must be divisible by {side}_heads ({heads})")
-        return self
+    def _check_heads(self) -> "ComaeConfig":
+        return _heads_divide(self)
 
 
 class ComaeProbeConfig(Section):
@@ -297,7 +302,7 @@ VARIANTS = ("vit", "rvit", "cvit")
 class CvitPretrainConfig(Section):
     """Stage ``pretrain_vit``: the ViT every variant starts from, trained on full images of
     the pretrain pool and distilled from the judge (DeiT's soft distillation). Skipped (the
-    published weights are recorded instead) when ``cvit.pretrained`` is set."""
+    published weights are recorded instead) when ``cvit.model.pretrained`` is set."""
 
     distill: float = Field(0.5, ge=0, le=1, description="weight a of the distillation term: "
                            "(1 - a) CE(labels) + a T^2 KL(teacher/T || student/T)")
@@ -309,23 +314,47 @@ class CvitPretrainConfig(Section):
                                      weight_decay=0.05, ckpt_every=250)
 
 
-class CvitConfig(Section):
-    # Patch size follows from image size / latent grid; width and depth are the model's.
+class VitModelConfig(Section):
+    """The ViT every CViT variant is (pretrain_vit, train_cvit). Its patch size follows from
+    image size / latent grid; width and depth are the model's."""
+
     dim: int = Field(96, ge=8)
     depth: int = Field(4, ge=1)
     heads: int = Field(4, ge=1)
     mlp_ratio: float = Field(4.0, gt=0)
     pretrained: str | None = Field(None, description="timm ViT-B/16 weights (.safetensors/.pth)")
-    allow_missing_keys: bool = False
-    max_mask_ratio: float = Field(0.99, ge=0, lt=1)
-    eval_ratios: list[float] = Field(
+
+
+class CvitEvalConfig(Section):
+    """What eval_cvit measures (read by no training stage)."""
+
+    ratios: list[float] = Field(
         default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.78, 0.85, 0.9, 0.95, 0.99]
     )
-    eval_batch_size: int = Field(64, ge=1)
-    eval_random_draws: int = Field(
+    batch_size: int = Field(64, ge=1)
+    random_draws: int = Field(
         3, ge=1, description="random drops per image averaged in the random rows (ViT, RViT)")
-    eval_bootstrap: int = Field(1000, ge=100, description="bootstrap resamples of val images "
-                                "for the 95% intervals")
+    bootstrap: int = Field(1000, ge=100, description="bootstrap resamples of val images "
+                           "for the 95% intervals")
+
+    @model_validator(mode="after")
+    def _ratios(self) -> "CvitEvalConfig":
+        bad = [r for r in self.ratios if not 0.0 <= r < 1.0]
+        if bad:
+            raise ValueError(f"ratios must lie in [0, 1); got {bad}")
+        for needed in (0.0, 0.3, 0.5, 0.78):
+            if needed not in self.ratios:
+                raise ValueError(f"ratios must include {needed} (a Tab. 5 column)")
+        return self
+
+
+class CvitConfig(Section):
+    """Sections by reader: ``model`` (pretrain_vit, train_cvit), ``pretrain`` (pretrain_vit),
+    the fine-tuning keys and ``train`` (train_cvit), ``eval`` (eval_cvit)."""
+
+    model: VitModelConfig = VitModelConfig()
+    allow_missing_keys: bool = False
+    max_mask_ratio: float = Field(0.99, ge=0, lt=1)
     seeds: list[int] = Field(
         default_factory=lambda: [0, 1], min_length=1,
         description="one fine-tuning run per variant and seed (dvc.yaml's train_cvit matrix); "
@@ -334,16 +363,12 @@ class CvitConfig(Section):
     pretrain: CvitPretrainConfig = CvitPretrainConfig()
     train: TrainConfig = TrainConfig(steps=300, batch_size=32, lr=1e-3, ema=None, ckpt_every=100)
 
+    eval: CvitEvalConfig = CvitEvalConfig()
+
     @model_validator(mode="after")
-    def _ratios(self) -> "CvitConfig":
+    def _seeds(self) -> "CvitConfig":
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds has duplicates: {self.seeds}")
-        bad = [r for r in self.eval_ratios if not 0.0 <= r < 1.0]
-        if bad:
-            raise ValueError(f"eval_ratios must lie in [0, 1); got {bad}")
-        for needed in (0.0, 0.3, 0.5, 0.78):
-            if needed not in self.eval_ratios:
-                raise ValueError(f"eval_ratios must include {needed} (a Tab. 5 column)")
         return self
 
 
@@ -375,12 +400,8 @@ class CmarModelConfig(Section):
     allow_missing_keys: bool = False
 
     @model_validator(mode="after")
-    def _heads_divide(self) -> "CmarModelConfig":
-        for side in ("enc", "dec"):
-            dim, heads = getattr(self, f"{side}_dim"), getattr(self, f"{side}_heads")
-            if dim % heads:
-                raise ValueError(f"{side}_dim ({dim}) must be divisible by {side}_heads ({heads})")
-        return self
+    def _check_heads(self) -> "CmarModelConfig":
+        return _heads_divide(self)
 
 
 class CmarSampleConfig(Section):

@@ -65,7 +65,7 @@ STAGES = (
     Stage("train_judge", "Train the judge: a CNN classifier of real images that scores samples and "
           "teaches pretrain_vit.", ("cop train-judge", "cop train-judge -S judge.roundtrip=0")),
     Stage("pretrain_vit", "Pretrain the ViT every CViT variant starts from: full images of the "
-          "pretrain pool, distilled from the judge (nothing to train when cvit.pretrained is set).",
+          "pretrain pool, distilled from the judge (nothing to train when cvit.model.pretrained is set).",
           ("cop pretrain-vit", "cop pretrain-vit -S cvit.pretrain.train.steps=4000")),
     Stage("train_cvit", "Fine-tune one CViT variant from pretrain_vit (ViT on full images, RViT random "
           "drops, CViT collapse drops) with one seed.",
@@ -75,7 +75,7 @@ STAGES = (
     Stage("eval_cvit", "Accuracy vs mask ratio for ViT, ViT+C, RViT, CViT and the controls (the CViT "
           "model with fixed, centre, pixel-variance and another image's orders) over cvit.seeds "
           "(Tab. 5, Fig. 8).",
-          ("cop eval-cvit", "cop eval-cvit -S cvit.eval_batch_size=256")),
+          ("cop eval-cvit", "cop eval-cvit -S cvit.eval.batch_size=256")),
     Stage("pretrain_mar", "Train MAR in random order on the pretrain pool: the start of every "
           "train_cmar variant.", ("cop pretrain-mar", "cop pretrain-mar -S cmar.pretrain.steps=6000")),
     Stage("train_cmar", "Fine-tune MAR from pretrain_mar: cmar (collapse order), mar (random order, "

@@ -1,14 +1,14 @@
 """Stage ``eval_cvit``: Tab. 5 and Fig. 8 on the ``val`` split, over ``cvit.seeds``, with controls.
 
 For every seed s of ``cvit.seeds``, the fine-tuned models ``data/cvit/<variant>_s<s>`` are
-tested at every mask ratio of ``cvit.eval_ratios``: the four rows of Tab. 5 (ViT, ViT+C, RViT,
+tested at every mask ratio of ``cvit.eval.ratios``: the four rows of Tab. 5 (ViT, ViT+C, RViT,
 CViT; see ``pipeline.tasks.cvit``) and four controls, the same CViT model keeping first the
 patches of the fixed train-mean order, the centre, the highest pixel variance, or another
 image's collapse order (``pipeline.tasks.cvit_eval``). The random rows average
-``cvit.eval_random_draws`` random drops per image.
+``cvit.eval.random_draws`` random drops per image.
 
 Each figure is the mean over seeds, with a 95% interval from a bootstrap over val images of
-that seed-mean (``cvit.eval_bootstrap`` resamples) and the per-seed values; paired contrasts
+that seed-mean (``cvit.eval.bootstrap`` resamples) and the per-seed values; paired contrasts
 (CViT against CViT-other first: the paper's claim under test) likewise. Per ratio, the FLOP
 ratio and measured wall-time ratio of a forward pass with that many patches dropped.
 
@@ -45,9 +45,9 @@ from pipeline.utils.progress import progress
 def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
     data_dir = Path(data_dir)
     cfg = params.cvit
-    ratios = [float(r) for r in cfg.eval_ratios]
+    ratios = [float(r) for r in cfg.eval.ratios]
     if len(set(ratios)) != len(ratios):
-        raise ValueError(f"cvit.eval_ratios has duplicates: {ratios}")
+        raise ValueError(f"cvit.eval.ratios has duplicates: {ratios}")
     device = pick_device()
     # bf16 on a GPU; fp32 on CPU, where it is the exact (and on this CPU, the faster) path
     amp_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -57,7 +57,7 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
     orders = CollapseOrders(data_dir / "orders" / "val")
     dataset = CvitImageDataset(images, orders)
     fixed = mean_scores(CollapseOrders(data_dir / "orders" / "train"))  # the train-mean order
-    loader = DataLoader(dataset, batch_size=cfg.eval_batch_size, shuffle=False,
+    loader = DataLoader(dataset, batch_size=cfg.eval.batch_size, shuffle=False,
                         num_workers=cfg.train.num_workers)
     per_seed: dict[str, list[dict[str, Any]]] = {row: [] for row in ALL_ROWS}
     weights: dict[str, dict[str, str]] = {}
@@ -69,17 +69,17 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
             models[v] = model.to(device)
             weights.setdefault(str(seed), {})[v] = meta["weights"]
         test_orders = EvalOrders(dataset.image_orders(), fixed, orders.grid, seed,
-                                 cfg.eval_random_draws)
+                                 cfg.eval.random_draws)
         bar = progress(total=len(dataset), desc=f"eval_cvit[s{seed}]", unit="img")
         scores = evaluate_rows(models, loader, ratios, test_orders, device, amp_dtype, progress=bar)
         bar.close()
         for row, s in scores.items():
             per_seed[row].append(s)
-    summary = summarise(per_seed, ratios, list(cfg.seeds), cfg.eval_bootstrap, boot_seed=params.seed)
+    summary = summarise(per_seed, ratios, list(cfg.seeds), cfg.eval.bootstrap, boot_seed=params.seed)
     eval_s = time.perf_counter() - t0
 
     # Cost: the last seed's CViT model on one evaluation batch (every variant shares the arch).
-    first = next(iter(DataLoader(dataset, batch_size=min(cfg.eval_batch_size, len(dataset)))))
+    first = next(iter(DataLoader(dataset, batch_size=min(cfg.eval.batch_size, len(dataset)))))
     x = images_to_input(first["image"]).to(device)
     cost = measure_cost(models["cvit"], x, first["order"].to(device), ratios, amp_dtype=amp_dtype)
     cost_metrics: dict[str, Any] = {"batch": int(x.shape[0]), "num_patches": models["cvit"].num_patches}
@@ -93,7 +93,7 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
     metrics = {**summary["rows"], "contrasts": summary["contrasts"], "interval": summary["interval"],
                "ratios": ratios, "cost": cost_metrics,
                "eval": {"images": len(dataset), "seeds": list(cfg.seeds),
-                        "random_draws": cfg.eval_random_draws, "grid": arch.grid,
+                        "random_draws": cfg.eval.random_draws, "grid": arch.grid,
                         "patch_size": arch.patch_size, "img_size": arch.img_size,
                         "weights": weights, "wall_time_s": round(eval_s, 1)}}
     atomic_write_json(data_dir / "reports" / "cvit.json", metrics)

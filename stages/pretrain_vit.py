@@ -1,13 +1,13 @@
 """Stage ``pretrain_vit``: the ViT every CViT variant fine-tunes from -> ``data/pretrain_vit/``.
 
-The ViT of ``cvit.dim/depth/heads/mlp_ratio`` on the latent grid, trained on full images of
+The ViT of ``cvit.model.dim/depth/heads/mlp_ratio`` on the latent grid, trained on full images of
 the pretrain pool (``data/images/pretrain``; ``train`` when there is none), no orders,
 distilled from the judge (``pipeline.tasks.cvit_pretrain``). Val top-1 every
 ``cvit.pretrain.eval_every`` steps is the learning curve ``data/plots/pretrain_vit_val.csv``.
 Writes ``data/pretrain_vit/{model.safetensors, config.json, eval_log.csv}``, the full record
 ``data/reports/pretrain_vit.json`` and the headline ``data/metrics/pretrain_vit.json``.
 
-With ``cvit.pretrained`` set (the published timm ViT-B, full profile) it trains nothing:
+With ``cvit.model.pretrained`` set (the published timm ViT-B, full profile) it trains nothing:
 ``data/pretrain_vit/published.json`` records the weights that stand in, and train_cvit loads them.
 """
 
@@ -39,7 +39,7 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
     cfg = params.cvit.pretrain
     out_dir = data_dir / "pretrain_vit"
     curve_csv = data_dir / "plots" / "pretrain_vit_val.csv"
-    if params.cvit.pretrained:
+    if params.cvit.model.pretrained:
         return _published(params, data_dir, out_dir, curve_csv)
     (out_dir / PUBLISHED_RECORD).unlink(missing_ok=True)  # a record of another configuration
     info = init_distributed()
@@ -100,7 +100,7 @@ def _published(params: Params, data_dir: Path, out_dir: Path, curve_csv: Path) -
                "train_images": 0, "wall_time_s": 0.0}
     atomic_write_json(data_dir / "reports" / "pretrain_vit.json", metrics)
     atomic_write_json(data_dir / "metrics" / "pretrain_vit.json", {k: metrics.get(k) for k in HEADLINE})
-    print(f"[pretrain_vit] cvit.pretrained is set: the published weights {rec['published']} "
+    print(f"[pretrain_vit] cvit.model.pretrained is set: the published weights {rec['published']} "
           "are the pretrained ViT; nothing trained", flush=True)
     return metrics
 

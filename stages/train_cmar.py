@@ -22,7 +22,8 @@ from pathlib import Path
 
 from pipeline.config import Params
 from pipeline.latents.store import LatentStore
-from pipeline.orders.shards import CollapseOrders, OrderedTokenDataset
+from pipeline.orders.dataset import OrderedTokenDataset
+from pipeline.orders.shards import CollapseOrders
 from pipeline.tasks.cmar import CMAR_VARIANTS, CmarDataset, CmarTask, build_cmar, variant_config
 from pipeline.train.trainer import Trainer
 from pipeline.utils.dist import cleanup, init_distributed

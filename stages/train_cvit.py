@@ -7,7 +7,7 @@ seed -> ``data/cvit/<variant>_s<seed>/``.
 
 Every variant starts from the same weights, ``data/pretrain_vit`` (stage ``pretrain_vit``:
 a ViT distilled from the judge on full images, or the published timm ViT-B it records when
-``cvit.pretrained`` is set), as the paper fine-tunes one pretrained ViT. ``--seed`` decides
+``cvit.model.pretrained`` is set), as the paper fine-tunes one pretrained ViT. ``--seed`` decides
 the run: it replaces ``seed`` and ``cvit.train.seed`` (data order, flips, drop ratios and
 random drops; any weights the start leaves initialised).
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.config import ComaeConfig, OrdersConfig
+from pipeline.config import OrdersConfig
 from pipeline.latents.store import LatentStore
 from pipeline.models.comae import CoMAE
 from pipeline.tasks.comae import comae_arch
-from tests.support import write_store
+from tests.support import tiny_comae_cfg, write_store
 
 CFG = OrdersConfig(images_per_batch=3, samples_per_shard=4, save_matrix=True, flip="compute",
                    precision="fp32")
@@ -42,9 +42,7 @@ def make_store(path: Path, n: int = 10, grid: int = 4, dim: int = 4, classes: in
 def tiny_comae(grid: int = 4, dim: int = 4, seed: int = 0) -> CoMAE:
     """A randomly initialised, small real CoMAE (the export's model in every test)."""
     torch.manual_seed(seed)
-    cfg = ComaeConfig(enc_dim=16, enc_depth=1, enc_heads=2, dec_dim=16, dec_depth=1, dec_heads=2,
-                      head_layers=1)
-    return CoMAE(comae_arch(cfg, grid, dim)).eval()
+    return CoMAE(comae_arch(tiny_comae_cfg(), grid, dim)).eval()
 
 
 def tiny_model_matrices() -> torch.Tensor:

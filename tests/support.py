@@ -69,3 +69,38 @@ def write_store(path, keys: list[str], labels: list[int], moments: "np.ndarray",
     root["moments"][:] = moments
     root.attrs["complete"] = True
     return LatentStore(path)
+
+
+# ----------------------------------------------------------------------------- tiny configs
+
+
+def step_ctx(step: int = 0, rows: int = 4, seed: int = 0):
+    """The trainer's StepContext for one process holding the whole global batch of ``rows``
+    (CPU, fp32): a task's ``loss`` called by hand."""
+    import torch
+
+    from pipeline.train.trainer import StepContext
+
+    return StepContext(step, torch.arange(rows), rows, torch.device("cpu"), seed, torch.float32)
+
+
+def tiny_comae_cfg(**kw):
+    """A CoMAE config of one block per half, width 16 (fast enough to train in a test)."""
+    from pipeline.config import ComaeConfig
+
+    return ComaeConfig(**{**dict(enc_dim=16, enc_depth=1, enc_heads=2, dec_dim=16, dec_depth=1,
+                                 dec_heads=2, head_layers=1), **kw})
+
+
+def tiny_cmar_cfg(sample: dict | None = None, batch_size: int = 8, **kw):
+    """A tiny CMAR config; ``kw``: the order keys (or sections); ``sample``: sampling keys."""
+    from pipeline.config import CmarConfig, CmarModelConfig, CmarSampleConfig, TrainConfig
+
+    model = CmarModelConfig(enc_dim=32, enc_depth=1, enc_heads=4, dec_dim=32, dec_depth=1,
+                            dec_heads=4, buffer_size=2, diffloss_d=1, diffloss_w=32,
+                            diffusion_batch_mul=2)
+    base = dict(model=model, sample=CmarSampleConfig(**{"num_sampling_steps": "5", **(sample or {})}),
+                train=TrainConfig(steps=4, batch_size=batch_size, lr=1e-3, ema=0.9, ckpt_every=2,
+                                  log_every=1, precision="fp32"))
+    return CmarConfig(**{**base, **kw})
+

@@ -8,25 +8,19 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.config import CmarConfig, CmarModelConfig, CmarSampleConfig, TrainConfig
+from pipeline.config import CmarConfig
 from pipeline.models.mar import MAR, mask_by_order
 from pipeline.tasks.cmar import (CmarTask, build_mar, generate, sampling_orders,
                                  to_mar_orders, train_config)
 from pipeline.train.trainer import StepContext
+from tests.support import step_ctx, tiny_cmar_cfg
 
 GRID, DIM, B, C = 4, 4, 8, 3
 N = GRID * GRID
 
 
 def cmar_cfg(sample: dict | None = None, **kw) -> CmarConfig:
-    """A tiny CMAR config; ``kw``: the order keys; ``sample``: sampling keys."""
-    model = CmarModelConfig(enc_dim=32, enc_depth=1, enc_heads=4, dec_dim=32, dec_depth=1,
-                            dec_heads=4, buffer_size=2, diffloss_d=1, diffloss_w=32,
-                            diffusion_batch_mul=2)
-    base = dict(model=model, sample=CmarSampleConfig(**{"num_sampling_steps": "5", **(sample or {})}),
-                train=TrainConfig(steps=4, batch_size=B, lr=1e-3, ema=0.9, ckpt_every=2,
-                                  log_every=1, precision="fp32"))
-    return CmarConfig(**{**base, **kw})
+    return tiny_cmar_cfg(sample, batch_size=B, **kw)
 
 
 class Spy(nn.Module):
@@ -57,7 +51,7 @@ def batch(seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def ctx(step: int = 0) -> StepContext:
-    return StepContext(step, torch.arange(B), B, torch.device("cpu"), seed=0, dtype=torch.float32)
+    return step_ctx(step, B)
 
 
 def run_task(cfg: CmarConfig, step: int = 0, with_moments: bool = False):

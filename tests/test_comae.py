@@ -24,8 +24,8 @@ from pipeline.models.comae import (
 from pipeline.models.comae_blocks import _cls_only_block
 from pipeline.tasks.comae import ComaeTask, comae_arch, load_comae
 from pipeline.train.checkpoint import latest_checkpoint
-from pipeline.train.trainer import NonFiniteError, StepContext, Trainer
-from tests.support import as_rank, free_port
+from pipeline.train.trainer import NonFiniteError, Trainer
+from tests.support import as_rank, free_port, step_ctx
 
 GRID, DIM = 4, 4
 N = GRID * GRID
@@ -206,7 +206,7 @@ def test_task_alternates_groups() -> None:
     enc = {id(p) for p in task.param_groups()["encoder"]}
     dec = {id(p) for p in task.param_groups()["decoder"]}
     assert not enc & dec and enc | dec == {id(p) for p in task.model.parameters()}
-    ctx = StepContext(1, torch.arange(4), 4, torch.device("cpu"), 0, torch.float32)
+    ctx = step_ctx(1, 4)
     batch = torch.utils.data.default_collate([Grids()[i] for i in range(4)])
     loss, metrics = task.loss(task.model, batch, ctx)
     assert loss.requires_grad and {"L_r", "L_c", "H_mask", "tau"} <= set(metrics)

@@ -9,7 +9,7 @@ from pipeline.config import ComaeConfig, TrainConfig
 from pipeline.models.comae import CoMAE, PointerHead, budget_shift
 from pipeline.models.layers import rope_2d_tables
 from pipeline.tasks.comae import ComaeTask, arch_mismatch, comae_arch, stored_config
-from pipeline.train.trainer import StepContext
+from tests.support import step_ctx, tiny_comae_cfg
 
 
 def _model(cfg: ComaeConfig) -> CoMAE:
@@ -17,8 +17,7 @@ def _model(cfg: ComaeConfig) -> CoMAE:
 
 
 def _cfg(**kw) -> ComaeConfig:
-    return ComaeConfig(enc_dim=16, enc_depth=1, enc_heads=2, dec_dim=16, dec_depth=1, dec_heads=2,
-                       head_layers=1, targets_per_image=3, **kw)
+    return tiny_comae_cfg(targets_per_image=3, **kw)
 
 
 @pytest.mark.parametrize("budget", [0.05, 0.3, 0.9])
@@ -58,7 +57,7 @@ def test_w_shuffle_moves_weights_but_never_onto_the_target():
         return torch.zeros(*targets.shape, 8, requires_grad=True)
 
     model.reconstruct = spy
-    ctx = StepContext(0, torch.arange(2), 2, torch.device("cpu"), 0, torch.float32)
+    ctx = step_ctx(0, 2)
     batch = {"tokens": torch.randn(2, 8, 4, 4), "tokens_flip": torch.randn(2, 8, 4, 4)}
     task.loss(model, batch, ctx)  # step 0 = a decoder step: every row shuffled
     assert seen["noised"].shape == (2, 3, 15, 8)

@@ -154,8 +154,9 @@ def test_task_drops_the_variants_patches_with_flipped_orders(data: Path, variant
 
 
 TINY_CVIT = {
-    "dim": 32, "depth": 2, "heads": 2, "eval_batch_size": 8, "seeds": [0, 1],
-    "eval_ratios": [0.0, 0.3, 0.5, 0.6, 0.78, 0.99], "eval_random_draws": 2, "eval_bootstrap": 200,
+    "model": {"dim": 32, "depth": 2, "heads": 2}, "seeds": [0, 1],
+    "eval": {"batch_size": 8, "ratios": [0.0, 0.3, 0.5, 0.6, 0.78, 0.99], "random_draws": 2,
+             "bootstrap": 200},
     "pretrain": {"eval_every": 5, "train": {"steps": 10, "batch_size": 8, "lr": 3e-3, "ckpt_every": 5,
                                              "log_every": 5, "precision": "fp32"}},
     "train": {"steps": 20, "batch_size": 8, "lr": 3e-3, "ckpt_every": 10, "log_every": 10,
@@ -196,7 +197,7 @@ def test_train_and_eval_stages(data: Path, capsys) -> None:
     assert headline["own_minus_other@78"] == saved["contrasts"]["CViT - CViT-other"]["top1@78"]
     assert headline["AuC_CViT"] == saved["CViT"]["AuC"]
     assert headline["top1@78_RViT"] == saved["RViT"]["top1@78"]
-    n_ratios = len(params.cvit.eval_ratios)
+    n_ratios = len(params.cvit.eval.ratios)
     for row in rows:
         e = saved[row]
         lo, hi = e["AuC_ci"]
@@ -217,7 +218,7 @@ def test_train_and_eval_stages(data: Path, capsys) -> None:
     with open(data / "plots" / "cvit_accuracy.csv") as f:
         csv_rows = list(csv.DictReader(f))
     assert list(csv_rows[0])[:9] == ["mask_ratio", *rows]
-    assert [float(r["mask_ratio"]) for r in csv_rows] == sorted(params.cvit.eval_ratios)
+    assert [float(r["mask_ratio"]) for r in csv_rows] == sorted(params.cvit.eval.ratios)
     assert float(csv_rows[0]["CViT"]) == saved["CViT"]["top1@0"]
     assert float(csv_rows[0]["CViT_lo"]) <= float(csv_rows[0]["CViT"]) <= float(csv_rows[0]["CViT_hi"])
     assert (data / "plots" / "cvit_fig8.png").read_bytes()[:4] == b"\x89PNG"
@@ -238,7 +239,8 @@ def test_model_starts_from_pretrained_timm_weights(tmp_path: Path) -> None:
     sd = {k: v.detach().clone() for k, v in src.state_dict().items()}
     sd["patch_embed.proj.weight"] = torch.randn(32, 3, 8, 8)  # 8 px patches like the target
     save_file(sd, str(tmp_path / "vit.safetensors"))
-    cvit = {"dim": 32, "depth": 2, "heads": 2, "pretrained": str(tmp_path / "vit.safetensors")}
+    vit = {"dim": 32, "depth": 2, "heads": 2, "pretrained": str(tmp_path / "vit.safetensors")}
+    cvit = {"model": vit}
     params = parse_params({"cvit": cvit})
     pre = tmp_path / "pretrain_vit"  # what pretrain_vit writes when the published weights stand in
     pre.mkdir()
@@ -253,7 +255,7 @@ def test_model_starts_from_pretrained_timm_weights(tmp_path: Path) -> None:
     assert torch.equal(model.head.weight, again.head.weight)
     assert not torch.equal(model.head.weight, other.head.weight)
     with pytest.raises(ValueError, match="re-run pretrain_vit"):  # the record names other weights
-        build_vit(parse_params({"cvit": {**cvit, "pretrained": str(tmp_path / "x.safetensors")}}),
+        build_vit(parse_params({"cvit": {"model": {**vit, "pretrained": str(tmp_path / "x.safetensors")}}}),
                   32, 4, 3, pre)
     del sd["norm.bias"]
     save_file(sd, str(tmp_path / "vit.safetensors"))

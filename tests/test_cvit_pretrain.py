@@ -20,7 +20,7 @@ from pipeline.train.trainer import Trainer, TrainTask
 from tests.cvit_data import make_data_dir, make_pretrained_vit
 
 TRAIN = {"batch_size": 8, "lr": 3e-3, "log_every": 2, "precision": "fp32"}
-CVIT = {"dim": 16, "depth": 1, "heads": 2,
+CVIT = {"model": {"dim": 16, "depth": 1, "heads": 2},
         "pretrain": {"eval_every": 3, "train": {**TRAIN, "steps": 6, "ckpt_every": 3}},
         "train": {**TRAIN, "steps": 4, "ckpt_every": 2}}
 
@@ -70,9 +70,10 @@ def test_every_variant_starts_from_the_pretrained_weights(data: Path) -> None:
         assert info["start"] == "pretrain_vit" and info["pretrained_sha256"]
         assert all(torch.equal(v, pre[k]) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match="another architecture"):
-        build_vit(parse_params({"cvit": {**CVIT, "dim": 32}}), 32, 4, 3, data / "pretrain_vit")
+        build_vit(parse_params({"cvit": {**CVIT, "model": {**CVIT["model"], "dim": 32}}}), 32, 4, 3,
+                  data / "pretrain_vit")
     with pytest.raises(ValueError, match="re-run pretrain_vit"):  # published weights asked for
-        build_vit(parse_params({"cvit": {**CVIT, "pretrained": "vit_b16.safetensors"}}), 32, 4, 3,
+        build_vit(parse_params({"cvit": {**CVIT, "model": {**CVIT["model"], "pretrained": "vit_b16.safetensors"}}}), 32, 4, 3,
                   data / "pretrain_vit")
 
 
@@ -83,7 +84,7 @@ def test_published_weights_stand_in_for_pretraining(tmp_path: Path) -> None:
 
     src = VisionTransformer(VitArch.for_grid(16, 2, 10, dim=16, depth=1, heads=2))  # 8 px patches
     save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(tmp_path / "vit.safetensors"))
-    params = parse_params({"cvit": {**CVIT, "pretrained": str(tmp_path / "vit.safetensors")}})
+    params = parse_params({"cvit": {**CVIT, "model": {**CVIT["model"], "pretrained": str(tmp_path / "vit.safetensors")}}})
     data = tmp_path / "data"
     out = pretrain_vit.run(params, data_dir=data)  # needs no images, judge or latents
     assert out["train_steps"] == 0 and out["published"] == str(tmp_path / "vit.safetensors")

@@ -13,13 +13,7 @@ from pipeline.tasks.cmar import CMAR_VARIANTS, variant_config
 from pipeline.tasks.cmar_eval import headline, split_val
 from pipeline.tasks.judge import JudgeTask, augment
 from pipeline.tokenizers import PatchTokenizer, decode_to_images, roundtrip_images
-from pipeline.train.trainer import StepContext
-
-from tests.test_cmar import cmar_cfg
-
-
-def ctx(step: int = 0, b: int = 4) -> StepContext:
-    return StepContext(step, torch.arange(b), b, torch.device("cpu"), 0, torch.float32)
+from tests.support import step_ctx as ctx, tiny_cmar_cfg as cmar_cfg
 
 
 def test_wilson_matches_known_values():

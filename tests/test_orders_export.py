@@ -14,7 +14,8 @@ import torch
 from pipeline.orders import export as export_mod
 from pipeline.orders.export import export_split
 from pipeline.orders.pagerank import collapse_order, flip_permutation, pagerank_torch
-from pipeline.orders.shards import CollapseOrders, OrderedTokenDataset
+from pipeline.orders.dataset import OrderedTokenDataset
+from pipeline.orders.shards import CollapseOrders
 from tests.orders_data import CFG, COMAE_ID, make_store, set_bytes, tiny_comae
 
 

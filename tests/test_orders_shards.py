@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.orders.dataset import OrderedTokenDataset
 from pipeline.orders.export import export_split
 from pipeline.orders.shards import (
     CollapseOrders,
-    OrderedTokenDataset,
     OrderSample,
     ShardError,
     order_dtype,

@@ -61,14 +61,13 @@ TRACKED_UNREAD = {
     ("probe_comae", "comae.train.steps"): "replaced by comae_probe.steps, the probe's length",
     ("train_judge", "tokenizer.checkpoint"): "read when tokenizer.kind is kl16",
     ("eval_cmar", "tokenizer.checkpoint"): "read when tokenizer.kind is kl16",
-    ("train_cvit", "cvit.allow_missing_keys"): "read when cvit.pretrained is set",
+    ("train_cvit", "cvit.allow_missing_keys"): "read when cvit.model.pretrained is set",
 }
 # Keys whose edit is checked through `dvc status`: every key of the probe, sampling and
 # evaluation sections, and a sample of the others (all of them would take minutes).
 STATUS_KEYS = (
     "comae_probe.steps", *(f"cmar.sample.{k}" for k in TINY["cmar"]["sample"]),
-    "cvit.seeds", "cvit.eval_ratios", "cvit.eval_batch_size", "cvit.eval_random_draws",
-    "cvit.eval_bootstrap", "orders.report_images",
+    "cvit.seeds", *(f"cvit.eval.{k}" for k in TINY["cvit"]["eval"]), "orders.report_images",
     "seed", "comae.lambda", "comae.train.log_every", "comae.select_head", "cmar.model.enc_dim",
     "cmar.order", "cmar.train.steps", "cmar.pretrain.steps", "cvit.pretrain.distill",
     "cvit.train.lr", "cvit.train.seed", "judge.width", "tokenizer.kind", "latents.rows_per_chunk",

@@ -23,7 +23,7 @@ TRAIN = {"steps": 2, "batch_size": 4, "ckpt_every": 2, "log_every": 1, "precisio
 PARAMS = parse_params({
     "comae": {"enc_dim": 16, "enc_depth": 1, "enc_heads": 2, "dec_dim": 16, "dec_depth": 1,
               "dec_heads": 2, "head_layers": 1, "targets_per_image": 4, "train": TRAIN},
-    "cvit": {"dim": 16, "depth": 1, "heads": 2, "train": TRAIN,
+    "cvit": {"model": {"dim": 16, "depth": 1, "heads": 2}, "train": TRAIN,
              "pretrain": {"eval_every": 1, "train": TRAIN}},
     "cmar": {"model": {"enc_dim": 16, "enc_depth": 1, "enc_heads": 2, "dec_dim": 16, "dec_depth": 1,
                        "dec_heads": 2, "buffer_size": 2, "diffloss_d": 1, "diffloss_w": 16},

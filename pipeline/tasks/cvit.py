@@ -62,7 +62,7 @@ ROWS: dict[str, tuple[str, str]] = {
 }
 TASK_KIND = "cvit"
 PRETRAIN_KIND = "vit_pretrain"  # the task kind of data/pretrain_vit (pipeline.tasks.cvit_pretrain)
-# What pretrain_vit writes when the published weights (cvit.pretrained) stand in for its training.
+# What pretrain_vit writes when the published weights (cvit.model.pretrained) stand in for its training.
 PUBLISHED_RECORD = "published.json"
 
 
@@ -266,19 +266,19 @@ class CvitTask(TrainTask):
 
 
 def vit_arch(params: Params, crop_size: int, grid: int, num_classes: int) -> VitArch:
-    """The ViT of ``cvit.dim/depth/heads/mlp_ratio`` on the latent grid."""
-    cfg = params.cvit
+    """The ViT of ``cvit.model.dim/depth/heads/mlp_ratio`` on the latent grid."""
+    cfg = params.cvit.model
     return VitArch.for_grid(crop_size, grid, num_classes, dim=cfg.dim, depth=cfg.depth,
                             heads=cfg.heads, mlp_ratio=cfg.mlp_ratio)
 
 
 def published_record(params: Params) -> dict[str, Any]:
-    """What pretrain_vit writes instead of training when ``cvit.pretrained`` is set."""
-    path = params.cvit.pretrained
+    """What pretrain_vit writes instead of training when ``cvit.model.pretrained`` is set."""
+    path = params.cvit.model.pretrained
     if not path or not Path(path).is_file():
-        raise FileNotFoundError(f"cvit.pretrained: published ViT weights not found: {path}")
+        raise FileNotFoundError(f"cvit.model.pretrained: published ViT weights not found: {path}")
     return {"kind": PRETRAIN_KIND, "published": str(path), "sha256": sha256_file(path),
-            "note": "cvit.pretrained is set: the published weights are the pretrained ViT; "
+            "note": "cvit.model.pretrained is set: the published weights are the pretrained ViT; "
                     "pretrain_vit trained nothing"}
 
 
@@ -287,7 +287,7 @@ def start_weights(model: VisionTransformer, pretrain_dir: str | Path, params: Pa
 
     ``pretrain_dir`` (``data/pretrain_vit``) holds either a trained ViT (its architecture
     must be the model's: same width, depth, grid and classes, the head included) or the
-    record that the published weights (``cvit.pretrained``) stand in for it; those load
+    record that the published weights (``cvit.model.pretrained``) stand in for it; those load
     through :func:`pipeline.models.vit.load_pretrained` (pos_embed resized, a head for
     another class count re-initialised from the current RNG, i.e. from the run's seed).
     """
@@ -295,10 +295,10 @@ def start_weights(model: VisionTransformer, pretrain_dir: str | Path, params: Pa
     record = pretrain_dir / PUBLISHED_RECORD
     if record.exists():
         rec = read_json(record)
-        want = params.cvit.pretrained
+        want = params.cvit.model.pretrained
         if not want or Path(rec["published"]) != Path(want):
             raise ValueError(f"{pretrain_dir} records the published weights {rec['published']}, "
-                             f"but cvit.pretrained is {want!r}: re-run pretrain_vit")
+                             f"but cvit.model.pretrained is {want!r}: re-run pretrain_vit")
         if sha256_file(want) != rec["sha256"]:
             raise ValueError(f"{want} changed since pretrain_vit recorded it: re-run pretrain_vit")
         report = load_pretrained(model, want, allow_missing_keys=params.cvit.allow_missing_keys)
@@ -307,8 +307,8 @@ def start_weights(model: VisionTransformer, pretrain_dir: str | Path, params: Pa
                 "unexpected": report.unexpected, "dropped": report.dropped,
                 "reinitialized": report.reinitialized, "pos_embed_resized": report.pos_embed_resized,
                 "summary": report.summary()}
-    if params.cvit.pretrained:
-        raise ValueError(f"cvit.pretrained is set but {pretrain_dir} holds a ViT trained here: "
+    if params.cvit.model.pretrained:
+        raise ValueError(f"cvit.model.pretrained is set but {pretrain_dir} holds a ViT trained here: "
                          "re-run pretrain_vit")
     run = load_run(pretrain_dir, "auto")
     task = run.task

@@ -12,7 +12,7 @@ flipped and shifted (``pipeline.tasks.judge.augment``); the teacher sees the ver
 student sees, so its soft labels describe that input. The T² keeps the gradient scale of
 the soft term independent of T (Hinton et al. 2015).
 
-With ``cvit.pretrained`` (the published timm weights, full profile) nothing is trained: the
+With ``cvit.model.pretrained`` (the published timm weights, full profile) nothing is trained: the
 stage records which weights stand in for it, and
 :func:`pipeline.tasks.cvit.start_weights` loads those.
 """
