@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from pipeline.config import Params, params_dict
+from pipeline.paths import outputs
 from pipeline.data.imageset import ImageSet
 from pipeline.latents.store import LatentStore
 from pipeline.orders.shards import CollapseOrders
@@ -96,20 +97,21 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
         rows[name] = {"kind": "samples", "model": variant, "sample_order": order,
                       **score(images, labels, params.seed + 10 + j),
                       "sampling_s_per_image": round(seconds / max(len(images), 1), 5)}
-        save_png(data_dir / "cmar_samples" / safe_name(name) / "grid.png",
+        save_png(outputs("eval_cmar", data_dir).samples / safe_name(name) / "grid.png",
                  image_grid(images, sample.samples_per_class))
         print(f"[eval_cmar] {name}: {len(images)} samples in {seconds:.0f} s", flush=True)
 
     head = next(n for n, v, o in COMPARISONS if v == "cmar" and o == sample.sample_order)
     rows[head].update(inception_metrics(sample, samples[head], real, dev))
-    plot_samples(data_dir / "plots" / "cmar_samples.png", real, ctl_labels, samples, labels, classes,
+    out = outputs("eval_cmar", data_dir)
+    plot_samples(out.figure, real, ctl_labels, samples, labels, classes,
                  per_class=min(4, sample.samples_per_class))
     report = {"rows": rows, "headline_row": head, "chance": 1 / len(classes),
               "reference_images": len(ref_rows), "samples_per_row": n_per_row,
               "feature_space": "judge CNN pooled features (data/judge); fd is not an FID",
               "params": {"sample": params_dict(sample)}, "models": trained, "classes": classes}
-    atomic_write_json(data_dir / "reports" / "cmar.json", report)
-    atomic_write_json(data_dir / "metrics" / "cmar.json", headline(rows, head))
+    atomic_write_json(out.report, report)
+    atomic_write_json(out.metrics, headline(rows, head))
     print(format_rows(rows, 1 / len(classes)), flush=True)
     return report
 

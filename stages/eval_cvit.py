@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from pipeline.config import Params
+from pipeline.paths import outputs
 from pipeline.data.imageset import ImageSet
 from pipeline.orders.report import mean_scores
 from pipeline.orders.shards import CollapseOrders
@@ -96,10 +97,11 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
                         "random_draws": cfg.eval.random_draws, "grid": arch.grid,
                         "patch_size": arch.patch_size, "img_size": arch.img_size,
                         "weights": weights, "wall_time_s": round(eval_s, 1)}}
-    atomic_write_json(data_dir / "reports" / "cvit.json", metrics)
-    atomic_write_json(data_dir / "metrics" / "cvit.json", headline(metrics))
-    atomic_write_text(data_dir / "plots" / "cvit_accuracy.csv", accuracy_csv(summary["rows"], ratios))
-    plot_fig8(data_dir / "plots" / "cvit_fig8.png", summary["rows"], ratios,
+    out = outputs("eval_cvit", data_dir)
+    atomic_write_json(out.report, metrics)
+    atomic_write_json(out.metrics, headline(metrics))
+    atomic_write_text(out.curve, accuracy_csv(summary["rows"], ratios))
+    plot_fig8(out.figure, summary["rows"], ratios,
               f"{len(dataset)} val images, seeds {list(cfg.seeds)}: mean, 95% bootstrap interval\n"
               f"ViT {arch.dim}x{arch.depth}, {arch.grid}x{arch.grid} patches of {arch.patch_size}px; "
               "dashed: the CViT model with other orders", chance=100.0 / len(images.classes))

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Params, params_dict
+from pipeline.paths import outputs
 from pipeline.data.imageset import ImageSet
 from pipeline.latents.store import LatentStore
 from pipeline.orders.export import SplitResult, export_split
@@ -77,15 +78,16 @@ def _finish(data_dir: Path, params: Params, results: dict[str, SplitResult]) -> 
                                       max_images=params.orders.report_images)
         if reports[split] is not None:
             print(format_table(reports[split], split), flush=True)
-    atomic_write_json(data_dir / "reports" / "orders.json", {
+    out = outputs("export_orders", data_dir)
+    atomic_write_json(out.report, {
         "params": params_dict(params.orders), "images_per_s": speed,
         "splits": {s: _split_metrics(r) for s, r in results.items()}, "baselines": reports})
-    atomic_write_json(data_dir / "metrics" / "orders.json",
+    atomic_write_json(out.metrics,
                       headline(reports.get("val"), results["val"].stats, speed))
     for r in results.values():
         print(r.summary(), flush=True)
     show_orders(data_dir / "orders" / "train", data_dir / "images" / "train", count=PLOT_IMAGES,
-                out=data_dir / "plots" / "orders")
+                out=out.pictures)
 
 
 def headline(report: dict[str, Any] | None, stats: dict[str, Any], speed: float | None

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import Params, TokenizerConfig, params_dict
+from pipeline.paths import outputs
 from pipeline.data.imageset import ImageSet
 from pipeline.latents.store import FORMAT
 from pipeline.latents.writer import extract_latents
@@ -100,7 +101,7 @@ def _write_report(data_dir: Path, params: Params, tok: Tokenizer, results: dict[
         "images_per_s": round(encoded / seconds, 2) if seconds > 0 and encoded else 0.0,
     }
     atomic_write_json(data_dir / "latents" / "report.json", report)
-    atomic_write_json(data_dir / "reports" / "extract_latents.json", report)
+    atomic_write_json(outputs("extract_latents", data_dir).report, report)
     metrics = {
         "train_images": results["train"]["rows"],
         "val_images": results["val"]["rows"],
@@ -111,7 +112,7 @@ def _write_report(data_dir: Path, params: Params, tok: Tokenizer, results: dict[
         "seconds": report["seconds"],
         "images_per_s": report["images_per_s"],
     }
-    atomic_write_json(data_dir / "metrics" / "extract_latents.json", metrics)
+    atomic_write_json(outputs("extract_latents", data_dir).metrics, metrics)
 
 
 if __name__ == "__main__":

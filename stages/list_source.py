@@ -7,18 +7,16 @@ with files added, removed or changed reruns ``prepare``. See ``pipeline/data/lis
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from pipeline.config import Params
-
-LISTING_PATH = Path("data/source.json")
+from pipeline.paths import outputs
 
 
 def run(params: Params) -> None:
     from pipeline.data.listing import describe, source_listing, write_listing
 
     listing = source_listing(params.data)
-    changed = write_listing(LISTING_PATH, listing)
+    changed = write_listing(outputs("list_source").listing, listing)
     print(f"{describe(listing)}{'' if changed else ' (unchanged)'}", flush=True)
 
 

@@ -9,13 +9,11 @@ complete shards of the same fingerprint are kept. Under torchrun, ranks share th
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from pipeline.config import Params
+from pipeline.paths import outputs
 
-IMAGES_DIR = Path("data/images")
-METRICS_PATH = Path("data/metrics/prepare.json")
-REPORT_PATH = Path("data/reports/prepare.json")
+OUT = outputs("prepare")
 
 
 def headline(record: dict) -> dict:
@@ -33,10 +31,10 @@ def run(params: Params) -> None:
     from pipeline.utils.io import atomic_write_json
 
     info = init_distributed()
-    metrics = prepare_images(params, IMAGES_DIR, info)
+    metrics = prepare_images(params, OUT.images, info)
     if info.is_main:
-        atomic_write_json(REPORT_PATH, metrics)
-        atomic_write_json(METRICS_PATH, headline(metrics))
+        atomic_write_json(OUT.report, metrics)
+        atomic_write_json(OUT.metrics, headline(metrics))
         print(summary(metrics), flush=True)
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Params
+from pipeline.paths import outputs
 from pipeline.data.imageset import pretrain_split
 from pipeline.latents.store import LatentStore, TokenGridDataset
 from pipeline.tasks.cmar import CmarDataset, CmarTask, build_cmar
@@ -29,11 +30,12 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
     # random orders only: the order keys of train_cmar play no part (nor enter the stored config)
     cfg = params.cmar.model_copy(update={"order": "random", "direction": "descending",
                                          "random_order_share": 1.0})
-    out_dir = data_dir / "pretrain_mar"
+    out = outputs("pretrain_mar", data_dir)
+    out_dir = out.run
     if cfg.model.pretrained:
         record = {"published": str(cfg.model.pretrained), "train_steps": 0}
         atomic_write_json(out_dir / "published.json", record)
-        atomic_write_json(data_dir / "metrics" / "pretrain_mar.json", record)
+        atomic_write_json(out.metrics, record)
         print(f"[pretrain_mar] cmar.model.pretrained is set: the CMAR variants start from {cfg.model.pretrained}")
         return record
     info = init_distributed()
@@ -43,11 +45,10 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
         task = CmarTask(model, cfg, store.scale_factor, extra_config={"stage": "pretrain_mar"})
         dataset = CmarDataset(TokenGridDataset(store), with_moments=cfg.model.posterior_sample)
         trainer = Trainer(task, dataset, cfg.pretrain, out_dir, inputs={"latents": store.identity},
-                          log_csv=data_dir / "plots" / "pretrain_mar_train.csv",
-                          metrics_json=data_dir / "reports" / "pretrain_mar.json", desc="pretrain_mar")
+                          log_csv=out.curve, metrics_json=out.report, desc="pretrain_mar")
         final = {**trainer.fit(), "train_images": len(store)}
         if info.is_main:
-            atomic_write_json(data_dir / "metrics" / "pretrain_mar.json", {k: final.get(k) for k in HEADLINE})
+            atomic_write_json(out.metrics, {k: final.get(k) for k in HEADLINE})
             print(f"[pretrain_mar] loss {final.get('loss', float('nan')):.4f} after "
                   f"{final.get('train_steps')} steps on {len(store)} latents -> {out_dir}", flush=True)
         return final

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from pipeline.config import Params
+from pipeline.paths import outputs
 from pipeline.data.imageset import ImageSet, pretrain_split
 from pipeline.latents.store import LatentStore
 from pipeline.models.layers import count_params
@@ -37,8 +38,8 @@ HEADLINE = ("val_top1", "teacher_val_top1", "train_steps", "train_images", "wall
 def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
     data_dir = Path(data_dir)
     cfg = params.cvit.pretrain
-    out_dir = data_dir / "pretrain_vit"
-    curve_csv = data_dir / "plots" / "pretrain_vit_val.csv"
+    out = outputs("pretrain_vit", data_dir)
+    out_dir, curve_csv = out.run, out.curve
     if params.cvit.model.pretrained:
         return _published(params, data_dir, out_dir, curve_csv)
     (out_dir / PUBLISHED_RECORD).unlink(missing_ok=True)  # a record of another configuration
@@ -58,7 +59,7 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
         trainer = Trainer(task, ImageLabelDataset(images), cfg.train, out_dir,
                           inputs={"images": images.identity,
                                   "teacher": sha256_file(data_dir / "judge" / judge_meta["weights"])},
-                          report=report, metrics_json=data_dir / "reports" / "pretrain_vit.json",
+                          report=report, metrics_json=out.report,
                           desc="pretrain_vit", evaluate=lambda m: {"val_top1": top1(m, val)},
                           eval_every=cfg.eval_every, eval_csv=curve_csv)
         final = trainer.fit()
@@ -68,8 +69,8 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
         teacher = top1(judge, val)
         metrics = {**report, **final, "val_top1": curve[-1]["val_top1"] if curve else None,
                    "teacher_val_top1": teacher, "val_curve": curve}
-        atomic_write_json(data_dir / "reports" / "pretrain_vit.json", metrics)
-        atomic_write_json(data_dir / "metrics" / "pretrain_vit.json", {k: metrics.get(k) for k in HEADLINE})
+        atomic_write_json(out.report, metrics)
+        atomic_write_json(out.metrics, {k: metrics.get(k) for k in HEADLINE})
         points = ", ".join(f"{c['val_top1']:.3f}@{c['step']:.0f}" for c in curve)
         print(f"[pretrain_vit] val top-1 {points} (judge {teacher:.3f}, chance "
               f"{1 / len(images.classes):.3f}) in {final.get('wall_time_s') or 0:.0f} s -> {out_dir}",
@@ -98,8 +99,9 @@ def _published(params: Params, data_dir: Path, out_dir: Path, curve_csv: Path) -
     atomic_write_text(curve_csv, "step,val_top1\n")  # no training, no curve
     metrics = {**rec, "val_top1": None, "teacher_val_top1": None, "train_steps": 0,
                "train_images": 0, "wall_time_s": 0.0}
-    atomic_write_json(data_dir / "reports" / "pretrain_vit.json", metrics)
-    atomic_write_json(data_dir / "metrics" / "pretrain_vit.json", {k: metrics.get(k) for k in HEADLINE})
+    out = outputs("pretrain_vit", data_dir)
+    atomic_write_json(out.report, metrics)
+    atomic_write_json(out.metrics, {k: metrics.get(k) for k in HEADLINE})
     print(f"[pretrain_vit] cvit.model.pretrained is set: the published weights {rec['published']} "
           "are the pretrained ViT; nothing trained", flush=True)
     return metrics

@@ -13,11 +13,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.config import Params
+from pipeline.paths import outputs
 from pipeline.utils.report import write_report
 
 
 def run(params: Params, data_dir: Path | str = Path("data"), out: Path | str | None = None) -> Path:
-    path = write_report(data_dir, out)
+    path = write_report(data_dir, out if out is not None else outputs("report", data_dir).page)
     print(f"[report] {path} ({path.stat().st_size / 1e6:.2f} MB; open it in a browser, "
           "it needs no network)", flush=True)
     return path

@@ -6,14 +6,14 @@ weights for the same ``cmar.train.steps``: ``cmar`` in collapse order (``cmar.or
 ``cmar_asc`` in ascending collapse order (Tab. 4).
 
 Inputs: the train latents (``data/latents/train.zarr``) joined with their collapse orders
-(``data/orders/train``, the flipped orders included). With ``cmar.model.pretrained`` (MAR's
-``checkpoint-last.pth``) the model starts from that checkpoint (``cmar.model.pretrained_key``,
-default the EMA weights MAR evaluates) and fine-tunes; otherwise it trains from scratch at
-the configured (small, by default) size. The shared trainer does resume, DDP (torchrun),
-EMA and bf16. Writes ``data/cmar/{model,model_ema}.safetensors``, ``config.json`` (what
-:func:`pipeline.tasks.cmar.load_cmar` rebuilds the model from), ``pretrained.json``,
-the full record ``data/reports/cmar_train.json``, the headline figures
-``data/metrics/cmar_train.json`` (:data:`HEADLINE`) and the curves ``data/plots/cmar_train.csv``.
+(``data/orders/train``, the flipped orders included). The model starts from ``pretrain_mar``
+(``data/pretrain_mar``), or with ``cmar.model.pretrained`` from MAR's ``checkpoint-last.pth``
+(``cmar.model.pretrained_key``, default the EMA weights MAR evaluates). The shared trainer
+does resume, DDP (torchrun), EMA and bf16. Outputs (:data:`pipeline.paths.OUTS`):
+``data/cmar/<variant>/`` ({model,model_ema}.safetensors, ``config.json`` that
+:func:`pipeline.tasks.cmar.load_cmar` rebuilds the model from, ``pretrained.json``,
+``train_log.csv``), the full record ``data/reports/cmar_train_<variant>.json`` and the headline
+figures ``data/metrics/cmar_train_<variant>.json`` (:data:`HEADLINE`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.config import Params
+from pipeline.paths import outputs
 from pipeline.latents.store import LatentStore
 from pipeline.orders.dataset import OrderedTokenDataset
 from pipeline.orders.shards import CollapseOrders
@@ -29,7 +30,7 @@ from pipeline.train.trainer import Trainer
 from pipeline.utils.dist import cleanup, init_distributed
 from pipeline.utils.io import atomic_write_json
 
-# Headline figures for `dvc metrics show`; the rest is in data/reports/cmar_train.json.
+# Headline figures for `dvc metrics show`; the rest is in data/reports/cmar_train_<variant>.json.
 HEADLINE = ("loss", "train_steps", "wall_time_s", "items_per_s")
 
 
@@ -50,16 +51,17 @@ def run(params: Params, variant: str = "cmar", data_dir: Path | str = Path("data
         task = CmarTask(model, cfg, store.scale_factor,
                         extra_config={"pretrained_sha256": pre.get("pretrained_sha256")})
         dataset = CmarDataset(ordered, with_moments=cfg.model.posterior_sample)
-        out_dir = data_dir / "cmar" / variant
+        out = outputs("train_cmar", data_dir, variant=variant)
+        out_dir = out.run
         trainer = Trainer(task, dataset, cfg.train, out_dir,
                           inputs={"latents": store.identity, "orders": orders.identity},
                           log_csv=out_dir / "train_log.csv",
-                          metrics_json=data_dir / "reports" / f"cmar_train_{variant}.json",
+                          metrics_json=out.report,
                           desc=f"cmar[{variant}]")
         final = trainer.fit()
         if info.is_main:
             atomic_write_json(out_dir / "pretrained.json", pre)
-            atomic_write_json(data_dir / "metrics" / f"cmar_train_{variant}.json",
+            atomic_write_json(out.metrics,
                               {k: final.get(k) for k in HEADLINE})
             print(f"[cmar] {variant}: loss {final.get('loss', float('nan')):.4f} after {final.get('train_steps')} steps "
                   f"-> {out_dir}", flush=True)

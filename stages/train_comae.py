@@ -4,7 +4,7 @@ The shared trainer does resume, DDP (``torchrun -m stages.train_comae``), EMA an
 CoMAE task alternates f and g step by step. Writes ``data/comae/{model,model_ema}.safetensors``
 + ``config.json`` (read by :func:`pipeline.tasks.comae.load_comae`), the per-window curves
 ``data/plots/comae_train.csv`` (step, L_r, L_c, H_mask, tau, lr, items_per_s, ...) and
-``..._epochs.csv``, the full record in ``data/reports/comae.json`` and the headline figures in
+``data/plots/comae_train_epochs.csv``, the full record in ``data/reports/comae.json`` and the headline figures in
 ``data/metrics/comae.json``. After training, the held-out diagnostics of
 :mod:`pipeline.metrics.selection` (does the selection know the image?) run on the val split
 and the histogram of w goes to ``data/plots/comae_w_hist.csv``.
@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import Params
+from pipeline.paths import outputs
 from pipeline.latents.store import LatentStore, TokenGridDataset
 from pipeline.metrics.selection import format_selection, selection_report
 from pipeline.models.layers import count_params
@@ -34,6 +35,7 @@ VAL_HEADLINE = ("L_r_own", "L_r_mean_w", "L_r_clean", "w_gain", "w_gain_ci", "L_
 
 def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
     data_dir = Path(data_dir)
+    out = outputs("train_comae", data_dir)
     cfg = params.comae
     info = init_distributed()
     try:
@@ -45,10 +47,9 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
         report = {"lambda": cfg.lambda_, "sigma": cfg.sigma,
                   "targets_per_image": cfg.targets_per_image, "params": count_params(model),
                   "grid": store.grid, "token_dim": store.dim}
-        record = data_dir / "reports" / "comae.json"
-        trainer = Trainer(task, TokenGridDataset(store), cfg.train, data_dir / "comae",
-                          inputs={"latents": store.identity},
-                          log_csv=data_dir / "plots" / "comae_train.csv",
+        record = out.report
+        trainer = Trainer(task, TokenGridDataset(store), cfg.train, out.run,
+                          inputs={"latents": store.identity}, log_csv=out.curve,
                           metrics_json=record, report=report, desc="comae")
         final = trainer.fit()
         if not info.is_main:
@@ -57,12 +58,12 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
               f"{final.get('L_c', float('nan')):.4f}  H_mask {final.get('H_mask', float('nan')):.3f}"
               f"  tau {final.get('tau', float('nan')):.4f} after {final.get('train_steps')} steps "
               f"({final.get('wall_time_s', 0):.0f} s, {final.get('items_per_s', 0):.0f} "
-              f"reconstructions/s) -> {data_dir / 'comae'}", flush=True)
+              f"reconstructions/s) -> {out.run}", flush=True)
         figures = _val_diagnostics(data_dir, store, params.seed)
         atomic_write_json(record, {**read_json(record), "val": figures})
         metrics = {k: final.get(k) for k in HEADLINE}
         metrics.update({f"val_{k}": figures[k] for k in VAL_HEADLINE if k in figures})
-        atomic_write_json(data_dir / "metrics" / "comae.json", metrics)
+        atomic_write_json(out.metrics, metrics)
         return metrics
     finally:
         cleanup()
@@ -73,11 +74,12 @@ def _val_diagnostics(data_dir: Path, train: LatentStore, seed: int) -> dict[str,
     val_path = data_dir / "latents" / "val.zarr"
     if not val_path.exists():
         return {}
-    trained, _ = load_comae(data_dir / "comae")
+    out = outputs("train_comae", data_dir)
+    trained, _ = load_comae(out.run)
     val = LatentStore(val_path, in_memory=True)
     figures, hist = selection_report(trained, train.tokens(np.arange(len(train))),
                                      val.tokens(np.arange(len(val))), seed=seed)
-    write_csv(data_dir / "plots" / "comae_w_hist.csv", hist)
+    write_csv(out.w_hist, hist)
     print(format_selection(figures), flush=True)
     return figures
 

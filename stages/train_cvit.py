@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Params
+from pipeline.paths import outputs
 from pipeline.data.imageset import ImageSet
 from pipeline.models.layers import count_params
 from pipeline.orders.shards import CollapseOrders
@@ -62,7 +63,8 @@ def run(params: Params, variant: str = "cvit", seed: int = 0,
         task = CvitTask(model, variant, cfg.max_mask_ratio, orders_tokenizer_fingerprint(orders),
                         extra_config={"pretrained_sha256": pre.get("pretrained_sha256"),
                                       "start": pre["start"], "init_seed": params.seed})
-        out_dir = data_dir / "cvit" / name
+        out = outputs("train_cvit", data_dir, name=name)
+        out_dir = out.run
         report = {"variant": variant, "seed": seed, "drop": TRAIN_DROP[variant],
                   "params": count_params(model), "grid": model.arch.grid,
                   "patch_size": model.arch.patch_size, "start": pre["start"]}
@@ -70,13 +72,13 @@ def run(params: Params, variant: str = "cvit", seed: int = 0,
                           inputs={"images": images.identity, "orders": orders.identity,
                                   "start": pre.get("pretrained_sha256")},
                           log_csv=out_dir / "train_log.csv", report=report,
-                          metrics_json=data_dir / "reports" / f"cvit_train_{name}.json",
+                          metrics_json=out.report,
                           desc=f"cvit[{name}]")
         final = trainer.fit()
         metrics = {**report, **final}
         if info.is_main:
             atomic_write_json(out_dir / "pretrained.json", pre)
-            atomic_write_json(data_dir / "metrics" / f"cvit_train_{name}.json",
+            atomic_write_json(out.metrics,
                               {k: final.get(k) for k in HEADLINE})
             print(f"[cvit] {name}: loss {final.get('loss', float('nan')):.4f}, train acc "
                   f"{final.get('acc', float('nan')):.3f} after {final.get('train_steps')} steps "

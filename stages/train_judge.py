@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from pipeline.config import Params
+from pipeline.paths import outputs
 from pipeline.data.imageset import ImageSet, pretrain_split
 from pipeline.models.judge import ConvJudge, JudgeArch
 from pipeline.models.layers import count_params
@@ -46,21 +47,21 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
         task = JudgeTask(model, cfg.max_shift, cfg.roundtrip, tokenizer,
                          extra_config={"init_seed": params.seed,
                                        "tokenizer": tokenizer.identity()})
-        out_dir = data_dir / "judge"
+        out = outputs("train_judge", data_dir)
+        out_dir = out.run
         report = {"params": count_params(model), "train_split": images.path.name,
                   "train_images": len(images)}
         trainer = Trainer(task, ImageLabelDataset(images), cfg.train, out_dir,
                           inputs={"images": images.identity}, report=report,
-                          log_csv=data_dir / "plots" / "judge_train.csv",
-                          metrics_json=data_dir / "reports" / "judge.json", desc="judge")
+                          log_csv=out.curve, metrics_json=out.report, desc="judge")
         final = trainer.fit()
         if not info.is_main:
             return final
         judge, _ = load_judge(out_dir)
         scores = evaluate(judge, val, tokenizer)
         metrics = {**report, **final, **scores}
-        atomic_write_json(data_dir / "reports" / "judge.json", metrics)
-        atomic_write_json(data_dir / "metrics" / "judge.json", {k: metrics.get(k) for k in HEADLINE})
+        atomic_write_json(out.report, metrics)
+        atomic_write_json(out.metrics, {k: metrics.get(k) for k in HEADLINE})
         print(f"[judge] val accuracy {scores['val_acc']:.3f} on images, "
               f"{scores['val_acc_roundtrip']:.3f} as the tokenizer renders them "
               f"({len(val)} images, chance {1 / len(val.classes):.3f}) -> {out_dir}", flush=True)

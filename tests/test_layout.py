@@ -8,7 +8,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = [("stages",), ("tasks",), ("models", "orders", "latents"),
-          ("train", "data", "tokenizers", "metrics"), ("config", "utils")]
+          ("train", "data", "tokenizers", "metrics"), ("config", "paths", "utils")]
 RANK = {pkg: i for i, names in enumerate(LAYERS) for pkg in names}
 
 
@@ -53,3 +53,22 @@ def test_networks_are_built_from_their_own_arch():
                      else [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
             bad += [f"{path.name}: imports {n}" for n in names if n == "pipeline.config"]
     assert not bad, bad
+
+
+def test_stage_outputs_are_dvc_yamls():
+    """``pipeline/paths.py`` is the one table of stage outputs: it names exactly the outs,
+    metrics and plots dvc.yaml declares for every stage (matrix items as dvc.yaml spells them)."""
+    import yaml
+
+    from pipeline.paths import OUTS, outputs
+
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    item = {"train_cvit": {"name": "${item.variant}_s${item.seed}"}, "train_cmar": {"variant": "${item}"}}
+    assert set(OUTS) == set(stages)
+    for name, stage in stages.items():
+        stage = stage.get("do", stage)
+        declared = {next(iter(o)) if isinstance(o, dict) else o
+                    for key in ("outs", "metrics", "plots") for o in stage.get(key, [])}
+        ours = {str(p) for p in vars(outputs(name, "data", **item.get(name, {}))).values()}
+        assert ours == declared, (name, sorted(ours ^ declared))
+

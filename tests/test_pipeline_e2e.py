@@ -149,6 +149,21 @@ def test_dvc_repro_and_experiments(repo):
     trace = root.parent / f"{root.name}-params-read"
     _run(dvc + ["repro"], root, {**env, "COP_PARAMS_TRACE": str(trace)})
     _check_params_follow_readers(root, env, trace)
+    # Every file the stages wrote is inside an output dvc.yaml declares (pipeline/paths.py).
+    from pipeline.paths import OUTS
+
+    def inside(rel: Path, out: str) -> bool:  # a matrix item's out: any item
+        if "{" in out:
+            head, tail = out.split("{")[0], out.split("}")[-1]
+            return any(str(Path(*rel.parts[:i])).startswith(head) and str(Path(*rel.parts[:i])).endswith(tail)
+                       for i in range(1, len(rel.parts) + 1))
+        return rel.parts[:len(Path(out).parts)] == Path(out).parts
+
+    outs = [p for stage in OUTS.values() for p in stage.values()]
+    strays = [str(f.relative_to(root / "data")) for f in sorted((root / "data").rglob("*"))
+              if f.is_file() and f.name != ".gitignore"
+              and not any(inside(f.relative_to(root / "data"), o) for o in outs)]
+    assert not strays, f"written by no declared output: {strays}"
 
     metrics = json.loads(_run(dvc + ["metrics", "show", "--json"], root, env).stdout)
     flat = json.dumps(metrics)
