@@ -20,7 +20,7 @@ from pipeline.latents.store import LatentStore, TokenGridDataset
 from pipeline.tasks.cmar import CmarDataset, CmarTask, build_cmar
 from pipeline.train.trainer import Trainer
 from pipeline.utils.dist import cleanup, init_distributed
-from pipeline.utils.io import atomic_write_json
+from pipeline.utils.io import atomic_write_json, atomic_write_text
 
 HEADLINE = ("loss", "train_steps", "wall_time_s", "items_per_s", "train_images")
 
@@ -33,9 +33,13 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
     out = outputs("pretrain_mar", data_dir)
     out_dir = out.run
     if cfg.model.pretrained:
+        # nothing to train, but every declared output is written (dvc repro stops otherwise)
         record = {"published": str(cfg.model.pretrained), "train_steps": 0}
         atomic_write_json(out_dir / "published.json", record)
+        atomic_write_json(out.report, record)
         atomic_write_json(out.metrics, record)
+        for curve in (out.curve, out.curve_epochs):
+            atomic_write_text(curve, "step,loss\n")  # no training, no curve
         print(f"[pretrain_mar] cmar.model.pretrained is set: the CMAR variants start from {cfg.model.pretrained}")
         return record
     info = init_distributed()

@@ -230,3 +230,18 @@ def test_mar_arch_maps_the_cmar_params_and_seeds_the_init():
     a, b, c = (build_cmar(cfg, store, seed=s)[0].state_dict() for s in (1, 1, 2))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_pretrain_mar_with_published_weights_writes_every_declared_output(tmp_path):
+    """With cmar.model.pretrained (MAR-B, full profile) pretrain_mar trains nothing, but DVC
+    needs each of its declared outputs, or `dvc repro` stops there."""
+    from pipeline.config import parse_params
+    from pipeline.paths import outputs
+    from stages import pretrain_mar
+
+    params = parse_params({"cmar": {"model": {"pretrained": str(tmp_path / "checkpoint-last.pth")}}})
+    record = pretrain_mar.run(params, data_dir=tmp_path / "data")
+    assert record["train_steps"] == 0
+    missing = [str(p) for p in vars(outputs("pretrain_mar", tmp_path / "data")).values() if not p.exists()]
+    assert not missing, missing
+
