@@ -25,7 +25,8 @@ from typing import Annotated, Optional
 import typer
 from typer.exceptions import TyperException  # typer's usage errors (bad option, bad choice)
 
-from pipeline.config import VARIANTS, ParamsError, load_params, params_dict, trace_reads
+from pipeline.config import VARIANTS, ParamsError, load_params, params_dict
+from pipeline.params_trace import trace_reads
 from pipeline.utils.io import atomic_write_json
 from stages.orders_cli import orders_app
 

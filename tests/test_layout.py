@@ -1,5 +1,5 @@
 """Imports run one way: stages -> tasks -> models/orders/latents -> train/data/tokenizers/metrics
--> config/utils, never back up and never sideways between packages of one layer."""
+-> config/paths/utils -> params_trace, never back up and never sideways between packages of one layer."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = [("stages",), ("tasks",), ("models", "orders", "latents"),
-          ("train", "data", "tokenizers", "metrics"), ("config", "paths", "utils")]
+          ("train", "data", "tokenizers", "metrics"), ("config", "paths", "utils"), ("params_trace",)]
 RANK = {pkg: i for i, names in enumerate(LAYERS) for pkg in names}
 
 
