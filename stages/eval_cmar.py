@@ -48,6 +48,7 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
     data_dir = Path(data_dir)
     cfg = params.cmar
     sample = cfg.sample  # the sampling keys; the models' own come from their runs
+    out = outputs("eval_cmar", data_dir)
     dev = pick_device()
     store = LatentStore(data_dir / "latents" / "train.zarr")
     val_store = LatentStore(data_dir / "latents" / "val.zarr")
@@ -97,13 +98,12 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
         rows[name] = {"kind": "samples", "model": variant, "sample_order": order,
                       **score(images, labels, params.seed + 10 + j),
                       "sampling_s_per_image": round(seconds / max(len(images), 1), 5)}
-        save_png(outputs("eval_cmar", data_dir).samples / safe_name(name) / "grid.png",
+        save_png(out.samples / safe_name(name) / "grid.png",
                  image_grid(images, sample.samples_per_class))
         print(f"[eval_cmar] {name}: {len(images)} samples in {seconds:.0f} s", flush=True)
 
     head = next(n for n, v, o in COMPARISONS if v == "cmar" and o == sample.sample_order)
     rows[head].update(inception_metrics(sample, samples[head], real, dev))
-    out = outputs("eval_cmar", data_dir)
     plot_samples(out.figure, real, ctl_labels, samples, labels, classes,
                  per_class=min(4, sample.samples_per_class))
     report = {"rows": rows, "headline_row": head, "chance": 1 / len(classes),

@@ -100,8 +100,9 @@ def _write_report(data_dir: Path, params: Params, tok: Tokenizer, results: dict[
         "seconds": round(seconds, 3),
         "images_per_s": round(encoded / seconds, 2) if seconds > 0 and encoded else 0.0,
     }
-    atomic_write_json(data_dir / "latents" / "report.json", report)
-    atomic_write_json(outputs("extract_latents", data_dir).report, report)
+    out = outputs("extract_latents", data_dir)
+    atomic_write_json(out.latents / "report.json", report)
+    atomic_write_json(out.report, report)
     metrics = {
         "train_images": results["train"]["rows"],
         "val_images": results["val"]["rows"],
@@ -112,7 +113,7 @@ def _write_report(data_dir: Path, params: Params, tok: Tokenizer, results: dict[
         "seconds": report["seconds"],
         "images_per_s": report["images_per_s"],
     }
-    atomic_write_json(outputs("extract_latents", data_dir).metrics, metrics)
+    atomic_write_json(out.metrics, metrics)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from pipeline.utils.io import atomic_write_json
 def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
     data_dir = Path(data_dir)
     cfg = params.comae
+    out = outputs("probe_comae", data_dir)
     info = init_distributed()
     try:
         store = LatentStore(data_dir / "latents" / "train.zarr", in_memory=True)
@@ -34,12 +35,12 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
         cfg = cfg.model_copy(update={"train": train_cfg})  # schedules follow the probe's length
         task = build_comae(cfg, store, params.seed, probe="copy-mechanism")
         trainer = Trainer(task, MechanismDataset(TokenGridDataset(store)), cfg.train,
-                          outputs("probe_comae", data_dir).run, inputs={"latents": store.identity},
+                          out.run, inputs={"latents": store.identity},
                           desc="comae probe")
         final = trainer.fit()
         if not info.is_main:
             return final
-        probe, _ = load_comae(outputs("probe_comae", data_dir).run)
+        probe, _ = load_comae(out.run)
         # held-out val grids when the split exists (the DVC route without val scores train)
         split = "val" if (data_dir / "latents" / "val.zarr").exists() else "train"
         grids = LatentStore(data_dir / "latents" / f"{split}.zarr", in_memory=True)
@@ -48,7 +49,7 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
         # file's path, and train_comae's L_r is the one an experiment table shows
         metrics = {**scores, "probe_L_r": final.get("L_r"), "probe_steps": final.get("train_steps"),
                    "probe_wall_time_s": final.get("wall_time_s")}
-        atomic_write_json(outputs("probe_comae", data_dir).metrics, metrics)
+        atomic_write_json(out.metrics, metrics)
         print(f"[comae probe] copy-mechanism precision@1 on {split} {scores['precision_at_1']:.3f} "
               f"(chance {scores['chance']:.3f}; a position prior scores <= 0.5) after "
               f"{final.get('train_steps')} steps", flush=True)
