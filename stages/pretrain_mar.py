@@ -18,8 +18,7 @@ from pipeline.paths import outputs
 from pipeline.data.imageset import pretrain_split
 from pipeline.latents.store import LatentStore, TokenGridDataset
 from pipeline.tasks.cmar import CmarDataset, CmarTask, build_cmar
-from pipeline.train.trainer import Trainer
-from pipeline.utils.dist import cleanup, init_distributed
+from pipeline.train.stage import TrainingStage
 from pipeline.utils.io import atomic_write_json, atomic_write_text
 
 HEADLINE = ("loss", "train_steps", "wall_time_s", "items_per_s", "train_images")
@@ -42,22 +41,16 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
             atomic_write_text(curve, "step,loss\n")  # no training, no curve
         print(f"[pretrain_mar] cmar.model.pretrained is set: the CMAR variants start from {cfg.model.pretrained}")
         return record
-    info = init_distributed()
-    try:
+    with TrainingStage("pretrain_mar", data_dir, HEADLINE) as stage:
         store = LatentStore(pretrain_split(data_dir / "latents", ".zarr"), in_memory=True)
         model, _ = build_cmar(cfg, store, seed=params.seed)
         task = CmarTask(model, cfg, store.scale_factor, extra_config={"stage": "pretrain_mar"})
         dataset = CmarDataset(TokenGridDataset(store), with_moments=cfg.model.posterior_sample)
-        trainer = Trainer(task, dataset, cfg.pretrain, out_dir, inputs={"latents": store.identity},
-                          log_csv=out.curve, metrics_json=out.report, desc="pretrain_mar")
-        final = {**trainer.fit(), "train_images": len(store)}
-        if info.is_main:
-            atomic_write_json(out.metrics, {k: final.get(k) for k in HEADLINE})
-            print(f"[pretrain_mar] loss {final.get('loss', float('nan')):.4f} after "
-                  f"{final.get('train_steps')} steps on {len(store)} latents -> {out_dir}", flush=True)
-        return final
-    finally:
-        cleanup()
+        final = stage.fit(task, dataset, cfg.pretrain, inputs={"latents": store.identity},
+                          report={"train_images": len(store)}, desc="pretrain_mar")
+        stage.say(f"[pretrain_mar] loss {final.get('loss', float('nan')):.4f} after "
+                  f"{final.get('train_steps')} steps on {len(store)} latents -> {out_dir}")
+    return stage.metrics
 
 
 if __name__ == "__main__":

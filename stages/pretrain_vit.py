@@ -28,8 +28,7 @@ from pipeline.models.vit import VisionTransformer
 from pipeline.tasks.cvit import PUBLISHED_RECORD, published_record, vit_arch
 from pipeline.tasks.cvit_pretrain import ImageCache, VitDistillTask, top1
 from pipeline.tasks.judge import ImageLabelDataset, load_judge
-from pipeline.train.trainer import Trainer
-from pipeline.utils.dist import cleanup, init_distributed
+from pipeline.train.stage import TrainingStage
 from pipeline.utils.io import atomic_write_json, atomic_write_text, sha256_file
 
 HEADLINE = ("val_top1", "teacher_val_top1", "train_steps", "train_images", "wall_time_s")
@@ -43,8 +42,7 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
     if params.cvit.model.pretrained:
         return _published(params, data_dir, out_dir, curve_csv)
     (out_dir / PUBLISHED_RECORD).unlink(missing_ok=True)  # a record of another configuration
-    info = init_distributed()
-    try:
+    with TrainingStage("pretrain_vit", data_dir, HEADLINE) as stage:
         images = ImageSet(pretrain_split(data_dir / "images"))
         val = ImageCache(ImageSet(data_dir / "images" / "val"))
         judge, judge_meta = load_judge(data_dir / "judge")
@@ -56,28 +54,23 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
         report = {"params": count_params(model), "train_split": images.path.name,
                   "train_images": len(images), "val_images": len(val),
                   "grid": model.arch.grid, "patch_size": model.arch.patch_size}
-        trainer = Trainer(task, ImageLabelDataset(images), cfg.train, out_dir,
+        # the declared curve is the val learning curve, not the per-window training log
+        final = stage.fit(task, ImageLabelDataset(images), cfg.train, report=report,
                           inputs={"images": images.identity,
                                   "teacher": sha256_file(data_dir / "judge" / judge_meta["weights"])},
-                          report=report, metrics_json=out.report,
-                          desc="pretrain_vit", evaluate=lambda m: {"val_top1": top1(m, val)},
+                          desc="pretrain_vit", log_csv=None,
+                          evaluate=lambda m: {"val_top1": top1(m, val)},
                           eval_every=cfg.eval_every, eval_csv=curve_csv)
-        final = trainer.fit()
-        if not info.is_main:
-            return final
-        curve = _read_curve(out_dir / "eval_log.csv")
-        teacher = top1(judge, val)
-        metrics = {**report, **final, "val_top1": curve[-1]["val_top1"] if curve else None,
-                   "teacher_val_top1": teacher, "val_curve": curve}
-        atomic_write_json(out.report, metrics)
-        atomic_write_json(out.metrics, {k: metrics.get(k) for k in HEADLINE})
-        points = ", ".join(f"{c['val_top1']:.3f}@{c['step']:.0f}" for c in curve)
-        print(f"[pretrain_vit] val top-1 {points} (judge {teacher:.3f}, chance "
-              f"{1 / len(images.classes):.3f}) in {final.get('wall_time_s') or 0:.0f} s -> {out_dir}",
-              flush=True)
-        return metrics
-    finally:
-        cleanup()
+        if stage.is_main:
+            curve = _read_curve(out_dir / "eval_log.csv")
+            teacher = top1(judge, val)
+            stage.record(val_top1=curve[-1]["val_top1"] if curve else None,
+                         teacher_val_top1=teacher, val_curve=curve)
+            points = ", ".join(f"{c['val_top1']:.3f}@{c['step']:.0f}" for c in curve)
+            stage.say(f"[pretrain_vit] val top-1 {points} (judge {teacher:.3f}, chance "
+                      f"{1 / len(images.classes):.3f}) in {final.get('wall_time_s') or 0:.0f} s "
+                      f"-> {out_dir}")
+    return stage.metrics
 
 
 def _grid(data_dir: Path) -> int:

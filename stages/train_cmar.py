@@ -19,26 +19,24 @@ figures ``data/metrics/cmar_train_<variant>.json`` (:data:`HEADLINE`).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pipeline.config import Params
-from pipeline.paths import outputs
 from pipeline.latents.store import LatentStore
 from pipeline.orders.dataset import OrderedTokenDataset
 from pipeline.orders.shards import CollapseOrders
-from pipeline.tasks.cmar import CMAR_VARIANTS, CmarDataset, CmarTask, build_cmar, variant_config
-from pipeline.train.trainer import Trainer
-from pipeline.utils.dist import cleanup, init_distributed
+from pipeline.tasks.cmar import CmarDataset, CmarTask, build_cmar, variant_config
+from pipeline.train.stage import TrainingStage
 from pipeline.utils.io import atomic_write_json
 
 # Headline figures for `dvc metrics show`; the rest is in data/reports/cmar_train_<variant>.json.
 HEADLINE = ("loss", "train_steps", "wall_time_s", "items_per_s")
 
 
-def run(params: Params, variant: str = "cmar", data_dir: Path | str = Path("data")) -> None:
+def run(params: Params, variant: str = "cmar", data_dir: Path | str = Path("data")) -> dict[str, Any]:
     data_dir = Path(data_dir)
     cfg = variant_config(params.cmar, variant)
-    info = init_distributed()
-    try:
+    with TrainingStage("train_cmar", data_dir, HEADLINE, variant=variant) as stage:
         store = LatentStore(data_dir / "latents" / "train.zarr", in_memory=True)
         orders = CollapseOrders(data_dir / "orders" / "train")
         # Bad input, before any work: orders for another grid (or tokenizer) than the latents.
@@ -50,23 +48,14 @@ def run(params: Params, variant: str = "cmar", data_dir: Path | str = Path("data
                              f"{model.grid}x{model.grid}")
         task = CmarTask(model, cfg, store.scale_factor,
                         extra_config={"pretrained_sha256": pre.get("pretrained_sha256")})
-        dataset = CmarDataset(ordered, with_moments=cfg.model.posterior_sample)
-        out = outputs("train_cmar", data_dir, variant=variant)
-        out_dir = out.run
-        trainer = Trainer(task, dataset, cfg.train, out_dir,
-                          inputs={"latents": store.identity, "orders": orders.identity},
-                          log_csv=out_dir / "train_log.csv",
-                          metrics_json=out.report,
+        final = stage.fit(task, CmarDataset(ordered, with_moments=cfg.model.posterior_sample),
+                          cfg.train, inputs={"latents": store.identity, "orders": orders.identity},
                           desc=f"cmar[{variant}]")
-        final = trainer.fit()
-        if info.is_main:
-            atomic_write_json(out_dir / "pretrained.json", pre)
-            atomic_write_json(out.metrics,
-                              {k: final.get(k) for k in HEADLINE})
-            print(f"[cmar] {variant}: loss {final.get('loss', float('nan')):.4f} after {final.get('train_steps')} steps "
-                  f"-> {out_dir}", flush=True)
-    finally:
-        cleanup()
+        if stage.is_main:
+            atomic_write_json(stage.out.run / "pretrained.json", pre)
+            stage.say(f"[cmar] {variant}: loss {final.get('loss', float('nan')):.4f} after "
+                      f"{final.get('train_steps')} steps -> {stage.out.run}")
+    return stage.metrics
 
 
 if __name__ == "__main__":

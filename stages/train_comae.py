@@ -23,50 +23,36 @@ from pipeline.latents.store import LatentStore, TokenGridDataset
 from pipeline.metrics.selection import format_selection, selection_report
 from pipeline.models.layers import count_params
 from pipeline.tasks.comae import build_comae, load_comae
-from pipeline.train.trainer import Trainer
-from pipeline.utils.dist import cleanup, init_distributed
-from pipeline.utils.io import atomic_write_json, read_json, write_csv
+from pipeline.train.stage import TrainingStage
+from pipeline.utils.io import write_csv
 
 # Headline figures for `dvc metrics show`; the rest is in data/reports/comae.json.
-HEADLINE = ("L_r", "L_c", "H_mask", "tau", "train_steps", "wall_time_s")
-VAL_HEADLINE = ("L_r_own", "L_r_mean_w", "L_r_clean", "w_gain", "w_gain_ci", "L_r_linear8",
-                "H_mask_per_entry", "w_mid_share")
+HEADLINE = ("L_r", "L_c", "H_mask", "tau", "train_steps", "wall_time_s",
+            "val_L_r_own", "val_L_r_mean_w", "val_L_r_clean", "val_w_gain", "val_w_gain_ci",
+            "val_L_r_linear8", "val_H_mask_per_entry", "val_w_mid_share")
 
 
 def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
     data_dir = Path(data_dir)
-    out = outputs("train_comae", data_dir)
     cfg = params.comae
-    info = init_distributed()
-    try:
+    with TrainingStage("train_comae", data_dir, HEADLINE) as stage:
         store = LatentStore(data_dir / "latents" / "train.zarr", in_memory=True)
         # The grid and token dim come from the store; a model is built for them (nothing
         # assumes 16x16x16), and the task re-checks every batch against the model.
         task = build_comae(cfg, store, params.seed)
-        model = task.model
         report = {"lambda": cfg.lambda_, "sigma": cfg.sigma,
-                  "targets_per_image": cfg.targets_per_image, "params": count_params(model),
+                  "targets_per_image": cfg.targets_per_image, "params": count_params(task.model),
                   "grid": store.grid, "token_dim": store.dim}
-        record = out.report
-        trainer = Trainer(task, TokenGridDataset(store), cfg.train, out.run,
-                          inputs={"latents": store.identity}, log_csv=out.curve,
-                          metrics_json=record, report=report, desc="comae")
-        final = trainer.fit()
-        if not info.is_main:
-            return final
-        print(f"[comae] L_r {final.get('L_r', float('nan')):.4f}  L_c "
-              f"{final.get('L_c', float('nan')):.4f}  H_mask {final.get('H_mask', float('nan')):.3f}"
-              f"  tau {final.get('tau', float('nan')):.4f} after {final.get('train_steps')} steps "
-              f"({final.get('wall_time_s', 0):.0f} s, {final.get('items_per_s', 0):.0f} "
-              f"reconstructions/s) -> {out.run}", flush=True)
-        figures = _val_diagnostics(data_dir, store, params.seed)
-        atomic_write_json(record, {**read_json(record), "val": figures})
-        metrics = {k: final.get(k) for k in HEADLINE}
-        metrics.update({f"val_{k}": figures[k] for k in VAL_HEADLINE if k in figures})
-        atomic_write_json(out.metrics, metrics)
-        return metrics
-    finally:
-        cleanup()
+        final = stage.fit(task, TokenGridDataset(store), cfg.train, report=report,
+                          inputs={"latents": store.identity}, desc="comae")
+        if stage.is_main:
+            print(f"[comae] L_r {final.get('L_r', float('nan')):.4f}  L_c "
+                  f"{final.get('L_c', float('nan')):.4f}  H_mask {final.get('H_mask', float('nan')):.3f}"
+                  f"  tau {final.get('tau', float('nan')):.4f} after {final.get('train_steps')} steps "
+                  f"({final.get('wall_time_s') or 0:.0f} s, {final.get('items_per_s', 0):.0f} "
+                  f"reconstructions/s) -> {stage.out.run}", flush=True)
+            stage.record(val=_val_diagnostics(data_dir, store, params.seed))
+    return stage.metrics
 
 
 def _val_diagnostics(data_dir: Path, train: LatentStore, seed: int) -> dict[str, Any]:

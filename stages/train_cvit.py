@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Params
-from pipeline.paths import outputs
 from pipeline.data.imageset import ImageSet
 from pipeline.models.layers import count_params
 from pipeline.orders.shards import CollapseOrders
@@ -34,8 +33,7 @@ from pipeline.tasks.cvit import (
     TRAIN_DROP, VARIANTS, CvitImageDataset, CvitTask, build_vit, orders_tokenizer_fingerprint,
     run_name, run_params,
 )
-from pipeline.train.trainer import Trainer
-from pipeline.utils.dist import cleanup, init_distributed
+from pipeline.train.stage import TrainingStage
 from pipeline.utils.io import atomic_write_json
 
 # Headline figures for `dvc metrics show`; the rest is in data/reports/cvit_train_<run>.json.
@@ -50,8 +48,7 @@ def run(params: Params, variant: str = "cvit", seed: int = 0,
     params = run_params(params, seed)
     cfg = params.cvit
     name = run_name(variant, seed)
-    info = init_distributed()
-    try:
+    with TrainingStage("train_cvit", data_dir, HEADLINE, name=name) as stage:
         images = ImageSet(data_dir / "images" / "train")
         orders = CollapseOrders(data_dir / "orders" / "train")
         # Bad input stops here, before any work: missing orders, another grid or image size.
@@ -63,29 +60,18 @@ def run(params: Params, variant: str = "cvit", seed: int = 0,
         task = CvitTask(model, variant, cfg.max_mask_ratio, orders_tokenizer_fingerprint(orders),
                         extra_config={"pretrained_sha256": pre.get("pretrained_sha256"),
                                       "start": pre["start"], "init_seed": params.seed})
-        out = outputs("train_cvit", data_dir, name=name)
-        out_dir = out.run
         report = {"variant": variant, "seed": seed, "drop": TRAIN_DROP[variant],
                   "params": count_params(model), "grid": model.arch.grid,
                   "patch_size": model.arch.patch_size, "start": pre["start"]}
-        trainer = Trainer(task, dataset, cfg.train, out_dir,
+        final = stage.fit(task, dataset, cfg.train, report=report, desc=f"cvit[{name}]",
                           inputs={"images": images.identity, "orders": orders.identity,
-                                  "start": pre.get("pretrained_sha256")},
-                          log_csv=out_dir / "train_log.csv", report=report,
-                          metrics_json=out.report,
-                          desc=f"cvit[{name}]")
-        final = trainer.fit()
-        metrics = {**report, **final}
-        if info.is_main:
-            atomic_write_json(out_dir / "pretrained.json", pre)
-            atomic_write_json(out.metrics,
-                              {k: final.get(k) for k in HEADLINE})
-            print(f"[cvit] {name}: loss {final.get('loss', float('nan')):.4f}, train acc "
-                  f"{final.get('acc', float('nan')):.3f} after {final.get('train_steps')} steps "
-                  f"({final.get('wall_time_s') or 0:.0f} s) -> {out_dir}", flush=True)
-        return metrics
-    finally:
-        cleanup()
+                                  "start": pre.get("pretrained_sha256")})
+        if stage.is_main:
+            atomic_write_json(stage.out.run / "pretrained.json", pre)
+            stage.say(f"[cvit] {name}: loss {final.get('loss', float('nan')):.4f}, train acc "
+                      f"{final.get('acc', float('nan')):.3f} after {final.get('train_steps')} steps "
+                      f"({final.get('wall_time_s') or 0:.0f} s) -> {stage.out.run}")
+    return stage.metrics
 
 
 if __name__ == "__main__":

@@ -18,16 +18,13 @@ import numpy as np
 import torch
 
 from pipeline.config import Params
-from pipeline.paths import outputs
 from pipeline.data.imageset import ImageSet, pretrain_split
 from pipeline.models.judge import ConvJudge, JudgeArch
 from pipeline.models.layers import count_params
 from pipeline.tasks.judge import ImageLabelDataset, JudgeTask, judge_outputs, load_judge
 from pipeline.tokenizers import latents_tokenizer, roundtrip_images
-from pipeline.train.trainer import Trainer
-from pipeline.utils.dist import cleanup, init_distributed
+from pipeline.train.stage import TrainingStage
 from pipeline.utils.images import images_to_input
-from pipeline.utils.io import atomic_write_json
 
 HEADLINE = ("val_acc", "val_acc_roundtrip", "train_images", "train_steps", "wall_time_s")
 
@@ -35,39 +32,29 @@ HEADLINE = ("val_acc", "val_acc_roundtrip", "train_images", "train_steps", "wall
 def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
     data_dir = Path(data_dir)
     cfg = params.judge
-    info = init_distributed()
-    try:
+    with TrainingStage("train_judge", data_dir, HEADLINE) as stage:
         images = ImageSet(pretrain_split(data_dir / "images"))
         val = ImageSet(data_dir / "images" / "val")
         tokenizer = latents_tokenizer(params.tokenizer, data_dir / "latents")
         torch.manual_seed(params.seed)
         model = ConvJudge(JudgeArch(len(images.classes), cfg.width))
-        if info.world > 1:  # batch statistics of the global batch, as with one process
+        if stage.info.world > 1:  # batch statistics of the global batch, as with one process
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         task = JudgeTask(model, cfg.max_shift, cfg.roundtrip, tokenizer,
                          extra_config={"init_seed": params.seed,
                                        "tokenizer": tokenizer.identity()})
-        out = outputs("train_judge", data_dir)
-        out_dir = out.run
         report = {"params": count_params(model), "train_split": images.path.name,
                   "train_images": len(images)}
-        trainer = Trainer(task, ImageLabelDataset(images), cfg.train, out_dir,
-                          inputs={"images": images.identity}, report=report,
-                          log_csv=out.curve, metrics_json=out.report, desc="judge")
-        final = trainer.fit()
-        if not info.is_main:
-            return final
-        judge, _ = load_judge(out_dir)
-        scores = evaluate(judge, val, tokenizer)
-        metrics = {**report, **final, **scores}
-        atomic_write_json(out.report, metrics)
-        atomic_write_json(out.metrics, {k: metrics.get(k) for k in HEADLINE})
-        print(f"[judge] val accuracy {scores['val_acc']:.3f} on images, "
-              f"{scores['val_acc_roundtrip']:.3f} as the tokenizer renders them "
-              f"({len(val)} images, chance {1 / len(val.classes):.3f}) -> {out_dir}", flush=True)
-        return metrics
-    finally:
-        cleanup()
+        stage.fit(task, ImageLabelDataset(images), cfg.train, inputs={"images": images.identity},
+                  report=report, desc="judge")
+        if stage.is_main:
+            judge, _ = load_judge(stage.out.run)
+            scores = evaluate(judge, val, tokenizer)
+            stage.record(**scores)
+            stage.say(f"[judge] val accuracy {scores['val_acc']:.3f} on images, "
+                      f"{scores['val_acc_roundtrip']:.3f} as the tokenizer renders them "
+                      f"({len(val)} images, chance {1 / len(val.classes):.3f}) -> {stage.out.run}")
+    return stage.metrics
 
 
 def evaluate(judge: ConvJudge, val: ImageSet, tokenizer: Any, batch: int = 256) -> dict[str, Any]:
