@@ -42,7 +42,7 @@ def test_every_dvc_param_is_written_out(path):
 @pytest.mark.parametrize("path", ["params.yaml", "profiles/full.yaml", "profiles/smoke.yaml"])
 def test_profiles_write_out_every_key_of_the_schema(path):
     # DVC sees only what the file spells out: a key left to its schema default could change
-    # (in config.py) without re-running anything. The file must be the schema's full dump.
+    # (in pipeline/config/) without re-running anything. The file must be the schema's full dump.
     raw = yaml.safe_load((REPO / path).read_text())
     assert raw == params_dict(load_params(REPO / path))
 
@@ -79,7 +79,7 @@ def test_kl16_needs_a_checkpoint():
 
 # ----------------------------------------------------------------------------- stage deps
 
-# stages/cli.py only turns the command line into params (pipeline/config.py, a dep of every
+# stages/cli.py only turns the command line into params (pipeline/config/, a dep of every
 # stage); pipeline/__init__.py holds a docstring and the version. Package __init__ files with
 # no code (a docstring at most) are no deps either.
 NOT_DEPS = {"stages/cli.py", "pipeline/__init__.py"}

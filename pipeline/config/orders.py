@@ -1,0 +1,74 @@
+"""Sections of the stages that make collapse orders: CoMAE, its probe, the export."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from pipeline.config.base import Precision, Section, TrainConfig, _heads_divide
+
+class ComaeConfig(Section):
+    # Paper Sec. 8: encoder 256 / decoder 64 (Sec. 4 says the reverse; both are params).
+    enc_dim: int = Field(64, ge=8)
+    enc_depth: int = Field(4, ge=1)
+    enc_heads: int = Field(4, ge=1)
+    dec_dim: int = Field(32, ge=8)
+    dec_depth: int = Field(4, ge=1)
+    dec_heads: int = Field(4, ge=1)
+    mlp_ratio: float = Field(4.0, gt=0)
+    head_layers: int = Field(4, ge=1, description="residual MLP layers after the decoder")
+    sigma: float = Field(0.5, gt=0, description="steepness of the noise interpolant (eq. 4)")
+    lambda_: float = Field(0.01, ge=0, alias="lambda", description="weight of L_c (eq. 6)")
+    tau_init: float = Field(0.1, gt=0, description="initial contrastive temperature")
+    targets_per_image: int = Field(16, ge=1, description="targets sampled per image per step")
+    # Options beyond the paper; null / 0 is the paper's method (docs/comae-sweep.md).
+    budget: float | None = Field(
+        None, gt=0, lt=1, description="fix the mean of w over the N-1 context patches (a "
+        "selection budget, 'masking K patches'); null: unconstrained (paper)")
+    budget_start: float | None = Field(
+        None, gt=0, lt=1, description="anneal the budget from this value down to 'budget' "
+        "over the first budget_anneal of training; null: the budget is constant")
+    budget_anneal: float = Field(0.5, gt=0, le=1, description="share of training spent annealing")
+    decoder_sees_alpha: bool = Field(
+        False, description="give g each token's noise level alpha as an extra input channel "
+        "(as MAE's decoder knows which tokens are masked); false: paper")
+    select_head: Literal["linear", "pointer"] = Field(
+        "linear", description="how f turns its output into w: a linear map of [cls] to N "
+        "position-indexed logits (paper), or a pointer: [cls]'s attention score to each kept "
+        "patch's output, addressed by content and displacement")
+    w_shuffle: float = Field(
+        0.0, ge=0, le=1, description="share of decoder-step sequences whose w is moved to random "
+        "positions, so g learns to read any selection; 0: paper")
+    train: TrainConfig = TrainConfig(steps=600, batch_size=16, lr=1e-3, ckpt_every=200)
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> "ComaeConfig":
+        return _heads_divide(self)
+
+
+class ComaeProbeConfig(Section):
+    """Stage ``probe_comae``: the same CoMAE (``comae``), trained on the copy-mechanism grids."""
+
+    steps: int = Field(600, ge=1, description="training steps of the probe's CoMAE (its other "
+                       "train settings are comae.train's)")
+
+
+# ----------------------------------------------------------------------------- orders
+
+
+class OrdersConfig(Section):
+    images_per_batch: int = Field(8, ge=1, description="images whose N targets run in one pass")
+    precision: Precision = "auto"
+    damping: float = Field(0.85, gt=0, lt=1)
+    tol: float = Field(1e-10, gt=0)
+    max_iter: int = Field(1000, ge=1)
+    backend: Literal["torch", "scipy"] = "torch"
+    topk: int | None = Field(None, ge=1, description="keep the top-k entries per row of A; null = dense")
+    flip: Literal["map", "compute"] = Field(
+        "compute", description="orders of flipped images: computed from flipped latents, or mapped"
+    )
+    save_matrix: bool = Field(False, description="store A (float16) in the shards")
+    samples_per_shard: int = Field(256, ge=1)
+    report_images: int = Field(
+        4096, ge=1, description="images per split (evenly spaced) scored against the baselines")
