@@ -63,6 +63,13 @@ STAGES = (
           ("cop probe-comae", "cop probe-comae -S comae_probe.steps=2000")),
     Stage("export_orders", "Dependency matrices -> PageRank -> collapse-order shards (+ class orders, plots).",
           ("cop export-orders", "cop export-orders -S orders.flip=map -S orders.topk=16")),
+    Stage("train_critic", "Train a critic (scorer or builder): an any-order masked token predictor "
+          "whose NLL of the hidden tokens scores orders (stage score_orders).",
+          ("cop train-critic --variant builder", "cop train-critic -S critic.train.steps=3000"),
+          ("builder", "scorer")),
+    Stage("score_orders", "Score every order (CoMAE's, the cheap ones, critic-built ones) by how fast "
+          "revealing it lowers the hidden patches' NLL under the scorer critic; prints the table.",
+          ("cop score-orders", "cop score-orders -S critic.score.images=768")),
     Stage("train_judge", "Train the judge: a CNN classifier of real images that scores samples and "
           "teaches pretrain_vit.", ("cop train-judge", "cop train-judge -S judge.roundtrip=0")),
     Stage("pretrain_vit", "Pretrain the ViT every CViT variant starts from: full images of the "

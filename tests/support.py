@@ -104,3 +104,10 @@ def tiny_cmar_cfg(sample: dict | None = None, batch_size: int = 8, **kw):
                                   log_every=1, precision="fp32"))
     return CmarConfig(**{**base, **kw})
 
+
+def expand_items(stage: dict) -> list[str]:
+    """A stage's params keys, a foreach stage's ``${item}`` replaced by each of its items."""
+    params = [p for p in stage.get("do", stage).get("params", []) if isinstance(p, str)]
+    items = stage.get("foreach") if isinstance(stage.get("foreach"), list) else [None]
+    return sorted({p.replace("${item}", str(i)) if i is not None else p
+                   for p in params for i in items})

@@ -64,7 +64,8 @@ def test_stage_outputs_are_dvc_yamls():
     from pipeline.paths import OUTS, outputs
 
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    item = {"train_cvit": {"name": "${item.variant}_s${item.seed}"}, "train_cmar": {"variant": "${item}"}}
+    item = {"train_cvit": {"name": "${item.variant}_s${item.seed}"}, "train_cmar": {"variant": "${item}"},
+            "train_critic": {"variant": "${item}"}}
     assert set(OUTS) == set(stages)
     for name, stage in stages.items():
         stage = stage.get("do", stage)

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from pipeline.config import ParamsError, load_params, params_dict
+from tests.support import expand_items
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -17,10 +18,9 @@ def _dvc_param_keys() -> set[str]:
     dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
     keys = set()
     for stage in dvc["stages"].values():
-        for p in stage.get("do", stage).get("params", []):
-            if isinstance(p, str):
-                keys.add(p)
+        keys |= set(expand_items(stage))
     return keys
+
 
 
 def _has(tree: dict, dotted: str) -> bool:

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.support import expand_items
+
 REPO = Path(__file__).resolve().parents[1]
 
 # The smoke profile: every stage on a tiny generated set, a few steps each.
@@ -72,6 +74,7 @@ STATUS_KEYS = (
     "cmar.order", "cmar.train.steps", "cmar.pretrain.steps", "cvit.pretrain.distill",
     "cvit.train.lr", "cvit.train.seed", "judge.width", "tokenizer.kind", "latents.rows_per_chunk",
     "data.synthetic.seed", "data.crop_size", "orders.damping",
+    *(f"critic.score.{k}" for k in TINY["critic"]["score"]), "critic.builder.dim", "critic.train.steps",
 )
 
 
@@ -109,7 +112,7 @@ def _check_params_follow_readers(root: Path, env: dict[str, str], trace: Path) -
     for name, stage in stages.items():
         if stage.get("always_changed"):
             continue
-        tracked_at = (stage.get("do", stage).get("params") or [])
+        tracked_at = expand_items(stage)
         tracked = {k for k in keys if any(k == t or k.startswith(f"{t}.") for t in tracked_at)}
         allowed = {k for (s, k) in TRACKED_UNREAD if s == name}
         problems += [f"{name} reads {k}, which dvc.yaml does not track" for k in sorted(reads[name] - tracked)]

@@ -22,7 +22,9 @@ from pipeline.config.downstream import (
     VARIANTS, CmarConfig, CmarModelConfig, CmarSampleConfig, CvitConfig, CvitEvalConfig,
     CvitPretrainConfig, JudgeConfig, VitModelConfig,
 )
-from pipeline.config.orders import ComaeConfig, ComaeProbeConfig, OrdersConfig
+from pipeline.config.orders import (
+    ComaeConfig, ComaeProbeConfig, CriticConfig, CriticModelConfig, CriticScoreConfig, OrdersConfig,
+)
 
 
 class Params(Section):
@@ -35,6 +37,7 @@ class Params(Section):
     comae: ComaeConfig = ComaeConfig()
     comae_probe: ComaeProbeConfig = ComaeProbeConfig()
     orders: OrdersConfig = OrdersConfig()
+    critic: CriticConfig = CriticConfig()
     judge: JudgeConfig = JudgeConfig()
     cvit: CvitConfig = CvitConfig()
     cmar: CmarConfig = CmarConfig()
@@ -89,6 +92,7 @@ def params_dict(params: BaseModel) -> dict[str, Any]:
 __all__ = [
     "Params", "ParamsError", "Precision", "Section", "TrainConfig", "DataConfig", "SyntheticConfig",
     "TokenizerConfig", "LatentsConfig", "ComaeConfig", "ComaeProbeConfig", "OrdersConfig",
+    "CriticConfig", "CriticModelConfig", "CriticScoreConfig",
     "JudgeConfig", "VARIANTS", "CvitConfig", "CvitEvalConfig", "CvitPretrainConfig",
     "VitModelConfig", "CmarConfig", "CmarModelConfig", "CmarSampleConfig",
     "load_params", "parse_params", "params_dict",

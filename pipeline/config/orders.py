@@ -1,4 +1,5 @@
-"""Sections of the stages that make collapse orders: CoMAE, its probe, the export."""
+"""Sections of the stages that make collapse orders (CoMAE, its probe, the export) and judge
+them (the critics, the order scores)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from pipeline.config.base import Precision, Section, TrainConfig, _heads_divide
+
 
 class ComaeConfig(Section):
     # Paper Sec. 8: encoder 256 / decoder 64 (Sec. 4 says the reverse; both are params).
@@ -72,3 +74,41 @@ class OrdersConfig(Section):
     samples_per_shard: int = Field(256, ge=1)
     report_images: int = Field(
         4096, ge=1, description="images per split (evenly spaced) scored against the baselines")
+
+
+# ----------------------------------------------------------------------------- critics
+
+
+class CriticModelConfig(Section):
+    """One critic (``train_critic``): an any-order masked token predictor."""
+
+    dim: int = Field(96, ge=8)
+    depth: int = Field(3, ge=1)
+    heads: int = Field(4, ge=1)
+    likelihood: Literal["gaussian", "laplace"] = "gaussian"
+    seed: int = Field(1, description="initial weights; another than the root seed, which "
+                      "initialises CoMAE")
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> "CriticModelConfig":
+        if self.dim % self.heads:
+            raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
+        return self
+
+
+class CriticScoreConfig(Section):
+    """Stage ``score_orders``: every order's collapse curve on val under the critics."""
+
+    images: int = Field(256, ge=2, description="val images scored (evenly spaced over the split)")
+    points: int = Field(16, ge=2, description="reveal counts k on the curve, evenly from 0 to N-N/points")
+    greedy_images: int = Field(32, ge=0, description="images the greedy reference (N^2/2 critic "
+                               "passes each) is built for; 0: none")
+    batch_size: int = Field(256, ge=1, description="sequences per critic pass")
+    bootstrap: int = Field(1000, ge=100, description="resamples of images for the 95% intervals")
+
+
+class CriticConfig(Section):
+    scorer: CriticModelConfig = CriticModelConfig()
+    builder: CriticModelConfig = CriticModelConfig(dim=64, depth=4, likelihood="laplace", seed=2)
+    train: TrainConfig = TrainConfig(steps=1000, batch_size=64, lr=1e-3, ckpt_every=250)
+    score: CriticScoreConfig = CriticScoreConfig()

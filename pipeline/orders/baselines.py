@@ -9,6 +9,11 @@ every order is scored by exactly the same code (:func:`pipeline.metrics.objectne
 * ``pixel_variance``: per-patch pixel variance summed over RGB (cheap contrast saliency).
 * ``token_saliency``: distance of a token to the image's mean token (cheap saliency in the
   space CoMAE sees).
+* ``raster``: row by row, left to right (the AR generators' order).
+* ``halton``: the 2-D Halton sequence (bases 2, 3) on the grid, each cell at its first visit
+  (Halton-MaskGIT's fixed low-discrepancy order: early patches spread over the image).
+* ``token_l1``: the L1 norm of a token (PSS, McDanel & Huynh: keep the patches whose
+  embedding has the largest norm).
 """
 
 from __future__ import annotations
@@ -45,5 +50,51 @@ def token_saliency_scores(tokens: np.ndarray) -> np.ndarray:
     return np.linalg.norm(t - t.mean(axis=1, keepdims=True), axis=-1)
 
 
-__all__ = ["centre_scores", "fixed_scores", "pixel_variance_scores", "random_scores",
+def order_scores(order: np.ndarray) -> np.ndarray:
+    """Scores [N] under which ``order`` (positions, first revealed first) sorts first-to-last."""
+    n = len(order)
+    s = np.empty(n, np.float64)
+    s[np.asarray(order)] = np.arange(n, 0, -1, dtype=np.float64)
+    return s
+
+
+def raster_scores(count: int, num_tokens: int) -> np.ndarray:
+    return np.broadcast_to(-np.arange(num_tokens, dtype=np.float64), (count, num_tokens)).copy()
+
+
+def _radical_inverse(i: int, base: int) -> float:
+    f, r = 1.0, 0.0
+    while i > 0:
+        f /= base
+        r += f * (i % base)
+        i //= base
+    return r
+
+
+def halton_order(grid: int) -> np.ndarray:
+    """The grid's cells in the order a 2-D Halton sequence (bases 2, 3) first visits them."""
+    seen: list[int] = []
+    taken = np.zeros(grid * grid, bool)
+    i = 1
+    while len(seen) < grid * grid:
+        r = min(int(_radical_inverse(i, 2) * grid), grid - 1)
+        c = min(int(_radical_inverse(i, 3) * grid), grid - 1)
+        if not taken[r * grid + c]:
+            taken[r * grid + c] = True
+            seen.append(r * grid + c)
+        i += 1
+    return np.asarray(seen)
+
+
+def halton_scores(count: int, grid: int) -> np.ndarray:
+    return np.broadcast_to(order_scores(halton_order(grid)), (count, grid * grid)).copy()
+
+
+def token_l1_scores(tokens: np.ndarray) -> np.ndarray:
+    """tokens [M, N, D] -> ||e_i||_1 per token (PSS's patch-embedding norm)."""
+    return np.abs(np.asarray(tokens, np.float64)).sum(-1)
+
+
+__all__ = ["centre_scores", "halton_order", "halton_scores", "order_scores", "raster_scores",
+           "token_l1_scores", "fixed_scores", "pixel_variance_scores", "random_scores",
            "token_saliency_scores"]

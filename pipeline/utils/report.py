@@ -16,15 +16,14 @@ records of ``data/reports/`` folded away.
 
 from __future__ import annotations
 
-import base64
-import csv
-import html
 import io
 import json
-import math
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
+from pipeline.utils.html import (
+    column, esc, flatten, fmt, img, kv_table, missing, png_file, read_csv_or_none, read_json_or_none,
+)
 from pipeline.utils.io import atomic_write_text
 
 # Stages in pipeline order: (metrics file stem, title). Other metrics files follow, sorted.
@@ -34,6 +33,9 @@ STAGE_METRICS = (
     ("comae", "train_comae: CoMAE"),
     ("comae_probe", "probe_comae: copy-mechanism probe"),
     ("orders", "export_orders: collapse orders (val)"),
+    ("critic_scorer", "train_critic@scorer: the critic that scores orders"),
+    ("critic_builder", "train_critic@builder: the critic that builds orders"),
+    ("order_scores", "score_orders: every order by the collapse criterion (val)"),
     ("judge", "train_judge: the judge (val accuracy, raw and as the tokenizer renders them)"),
     ("pretrain_vit", "pretrain_vit: the ViT every CViT variant starts from"),
     ("cvit_train_*", "train_cvit@"),  # one per variant and seed: every file the pattern finds
@@ -61,7 +63,6 @@ CURVES = (
     ("CViT top-1 (%) vs mask ratio (mean over seeds)", "plots/cvit_accuracy.csv", "mask_ratio",
      ("ViT", "ViT+C", "RViT", "CViT", "CViT-fixed", "CViT-centre", "CViT-pixvar", "CViT-other")),
 )
-MIN_SHOWN_PX = 384  # a smaller picture (a tiny profile's sample grid) is shown scaled up
 MAX_RECORD_CHARS = 60_000  # a full record longer than this is cut in the folded section
 
 CSS = """
@@ -83,111 +84,6 @@ nav a { margin-right: 12px; }
 """
 
 
-# ------------------------------------------------------------------------------ reading
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _read_csv(path: Path) -> list[dict[str, str]] | None:
-    try:
-        with path.open(newline="") as f:
-            return list(csv.DictReader(f))
-    except (OSError, csv.Error, UnicodeDecodeError):
-        return None
-
-
-def _column(rows: list[dict[str, str]], name: str) -> list[float]:
-    out = []
-    for r in rows:
-        try:
-            out.append(float(r.get(name) or "nan"))
-        except ValueError:
-            out.append(float("nan"))
-    return out
-
-
-def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts -> ``{"a.b": value}``; lists stay values."""
-    if not isinstance(d, dict):
-        return {prefix or "value": d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        out.update(flatten(v, key) if isinstance(v, dict) else {key: v})
-    return out
-
-
-# ----------------------------------------------------------------------------- HTML bits
-
-def _e(x: Any) -> str:
-    return html.escape(str(x), quote=True)
-
-
-def fmt(v: Any) -> str:
-    """A value for a table cell: 4 significant digits, integers whole, lists inline."""
-    if v is None:
-        return "—"
-    if isinstance(v, bool):
-        return str(v).lower()
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        if not math.isfinite(v):
-            return str(v)
-        if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
-            return f"{v:.3e}"
-        return f"{v:.4g}" if abs(v) < 1000 else f"{v:.1f}"
-    if isinstance(v, (list, tuple)):
-        inner = ", ".join(fmt(x) for x in v[:8])
-        return f"[{inner}{', …' if len(v) > 8 else ''}]"
-    return str(v)
-
-
-def _missing(what: str) -> str:
-    return f'<p class="missing">{_e(what)}: not produced</p>'
-
-
-def _png_uri(data: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
-
-
-def _png_width(data: bytes) -> int | None:
-    """A PNG's width from its IHDR chunk."""
-    return int.from_bytes(data[16:20], "big") if data[12:16] == b"IHDR" else None
-
-
-def _img(data: bytes, alt: str, caption: str | None = None, width: int | None = None) -> str:
-    natural = _png_width(data)
-    if width is None and natural and natural < MIN_SHOWN_PX:  # small grids: scale up, crisp
-        width = natural * -(-MIN_SHOWN_PX // natural)
-    if width and natural and width > natural:
-        w = f' width="{width}" style="image-rendering: pixelated"'
-    else:
-        w = f' width="{width}"' if width else ""
-    cap = f"<figcaption>{_e(caption)}</figcaption>" if caption else ""
-    return f'<figure><img src="{_png_uri(data)}" alt="{_e(alt)}"{w}>{cap}</figure>'
-
-
-def _png_file(path: Path, caption: str | None = None, width: int | None = None) -> str:
-    try:
-        data = path.read_bytes()
-    except OSError:
-        return _missing(str(path))
-    if not data.startswith(b"\x89PNG"):
-        return _missing(f"{path} (not a PNG)")
-    return _img(data, path.name, caption, width)
-
-
-def kv_table(d: dict[str, Any]) -> str:
-    rows = "".join(f'<tr><td class="k">{_e(k)}</td><td>{_e(fmt(v))}</td></tr>'
-                   for k, v in flatten(d).items())
-    return f'<table><tr><th class="k">figure</th><th>value</th></tr>{rows}</table>'
-
-
 # ---------------------------------------------------------------------------- sections
 
 def orders_section(data_dir: Path) -> str:
@@ -198,26 +94,26 @@ def orders_section(data_dir: Path) -> str:
            'chance); top k%: share of object patches among the first k% of the order; '
            'position-stratified AUC: the same AUC within each grid position, so a fixed '
            'position prior scores 0.5. From <code>data/reports/orders.json</code>.</p>']
-    report = _read_json(data_dir / "reports" / "orders.json")
+    report = read_json_or_none(data_dir / "reports" / "orders.json")
     baselines = report.get("baselines") if isinstance(report, dict) else None
     if not isinstance(baselines, dict) or not baselines:
-        return "".join(out) + _missing("data/reports/orders.json (baselines)")
+        return "".join(out) + missing("data/reports/orders.json (baselines)")
     splits = sorted(baselines, key=lambda s: (s != "val", s))
     for split in splits:
         rep = baselines[split]
         if not isinstance(rep, dict) or not isinstance(rep.get("table"), dict):
-            out.append(f"<h3>{_e(split)}</h3>" + _missing(f"baseline table of {split} "
+            out.append(f"<h3>{esc(split)}</h3>" + missing(f"baseline table of {split} "
                                                            "(no object masks?)"))
             continue
         table = rep["table"]
-        head = "".join(f"<th>{_e(label)}</th>" for _, label in ORDER_COLS)
+        head = "".join(f"<th>{esc(label)}</th>" for _, label in ORDER_COLS)
         names = [n for n in ORDER_ROWS if n in table] + [n for n in table if n not in ORDER_ROWS]
         body = ""
         for name in names:
             row = table[name] if isinstance(table[name], dict) else {}
-            cells = "".join(f"<td>{_e(fmt(row.get(k)))}</td>" for k, _ in ORDER_COLS)
+            cells = "".join(f"<td>{esc(fmt(row.get(k)))}</td>" for k, _ in ORDER_COLS)
             cls = ' class="hl"' if name == "collapse" else ""
-            body += f'<tr{cls}><td class="k">{_e(name)}</td>{cells}</tr>'
+            body += f'<tr{cls}><td class="k">{esc(name)}</td>{cells}</tr>'
         info = []
         if "images" in rep:
             info.append(f"{fmt(rep['images'])} images")
@@ -226,8 +122,48 @@ def orders_section(data_dir: Path) -> str:
         if "specificity_tau" in rep:
             info.append(f"mean Kendall τ to the fixed order {fmt(rep['specificity_tau'])} "
                         "(1 = the collapse order is a position prior)")
-        out.append(f"<h3>{_e(split)}" + (f" — {_e('; '.join(info))}" if info else "") + "</h3>")
+        out.append(f"<h3>{esc(split)}" + (f" — {esc('; '.join(info))}" if info else "") + "</h3>")
         out.append(f'<table class="orders"><tr><th class="k">order</th>{head}</tr>{body}</table>')
+    return "".join(out)
+
+
+def criterion_section(data_dir: Path) -> str:
+    """Every order by the paper's criterion (stage score_orders), best area first."""
+    out = ['<h2 id="criterion">Orders by the collapse criterion</h2>',
+           '<p class="note">Reveal an order\'s first k patches; the scoring critic (an any-order '
+           'masked token predictor that built no order) measures the NLL of the patches still '
+           'hidden, nats per channel. Area: the mean over the reveal range (lower = the order '
+           'collapses the image faster). Δ: paired difference, 95% bootstrap interval over '
+           'images. Greedy gain: the share of the greedy reference\'s gain over random each '
+           'order reaches. From <code>data/reports/order_scores.json</code>.</p>']
+    rec = read_json_or_none(data_dir / "reports" / "order_scores.json")
+    if not isinstance(rec, dict) or "summary" not in rec:
+        return "".join(out) + missing("data/reports/order_scores.json")
+    summ, costs, auc = rec["summary"], rec.get("costs", {}), rec.get("object_auc", {})
+    share = summ.get("greedy_subset", {}).get("share_of_greedy_gain", {})
+    ci = (lambda d: f"{d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]" if d else "")
+    head = ("order", "area [95% CI]", "Δ vs random", f"Δ vs {summ['best_cheap']} (best cheap)",
+            "@22%", "@50%", "greedy gain", "object AUC", "s / image", "MFLOP / image")
+    body = ""
+    for name in sorted(summ["area"], key=lambda n: summ["area"][n]["mean"]):
+        r, c = summ["area"][name], costs.get(name, {})
+        cells = (f"{r['mean']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}]", ci(r.get("vs_random")),
+                 ci(r.get("vs_best_cheap")), fmt(summ["at22"][name]["mean"]),
+                 fmt(summ["at50"][name]["mean"]),
+                 "" if share.get(name) is None else f"{share[name]:.0%}", fmt(auc.get(name)),
+                 fmt(c.get("seconds")), "" if c.get("flops") is None else f"{c['flops'] / 1e6:.2f}")
+        cls = ' class="hl"' if name == "collapse" else ""
+        body += (f'<tr{cls}><td class="k">{esc(name)}</td>'
+                 + "".join(f"<td>{esc(x)}</td>" for x in cells) + "</tr>")
+    out.append('<table class="orders"><tr>' + "".join(f"<th>{esc(h)}</th>" for h in head)
+               + f"</tr>{body}</table>")
+    agree = rec.get("agreement", {})
+    out.append(f'<p class="note">{fmt(rec.get("images"))} val images; the two critics rank the '
+               f'{len(agree.get("orders", []))} orders neither built with Spearman ρ = '
+               f'{fmt(agree.get("spearman"))}.</p>')
+    png = data_dir / "plots" / "collapse_curves.png"
+    out.append(png_file(png, "data/plots/collapse_curves.png") if png.exists()
+               else missing("data/plots/collapse_curves.png"))
     return "".join(out)
 
 
@@ -248,9 +184,9 @@ def metrics_section(data_dir: Path) -> str:
         if mdir.is_dir() else []
     for stem, title in [*entries, *((s, s) for s in extra)]:
         path = mdir / f"{stem}.json"
-        d = _read_json(path)
-        body = kv_table(d) if isinstance(d, dict) else _missing(f"data/metrics/{stem}.json")
-        out.append(f"<div><h3>{_e(title)}</h3>{body}</div>")
+        d = read_json_or_none(path)
+        body = kv_table(d) if isinstance(d, dict) else missing(f"data/metrics/{stem}.json")
+        out.append(f"<div><h3>{esc(title)}</h3>{body}</div>")
     return "".join(out) + "</div>"
 
 
@@ -279,7 +215,7 @@ def _cvit_logs(data_dir: Path) -> dict[str, list[dict[str, str]]]:
     """The training log of every train_cvit run (data/cvit/<variant>_s<seed>), by run name."""
     logs = {}
     for path in sorted((data_dir / "cvit").glob("*/train_log.csv")):
-        rows = _read_csv(path)
+        rows = read_csv_or_none(path)
         if rows:
             logs[path.parent.name] = rows
     return logs
@@ -287,28 +223,28 @@ def _cvit_logs(data_dir: Path) -> dict[str, list[dict[str, str]]]:
 
 def curves_section(data_dir: Path) -> str:
     out = ['<h2 id="curves">Training curves</h2><div class="grid">']
-    missing = []
+    absent = []
     for title, rel, x, ys in CURVES:
         if rel is None:  # CViT: one line per variant
             logs = _cvit_logs(data_dir)
-            series = [(v, _column(r, x), _column(r, ys[0])) for v, r in logs.items()
+            series = [(v, column(r, x), column(r, ys[0])) for v, r in logs.items()
                       if x in r[0] and ys[0] in r[0]]
             source = "data/cvit/<variant>_s<seed>/train_log.csv"
         else:
-            rows = _read_csv(data_dir / rel)
-            series = [(y, _column(rows, x), _column(rows, y)) for y in ys
+            rows = read_csv_or_none(data_dir / rel)
+            series = [(y, column(rows, x), column(rows, y)) for y in ys
                       if rows and x in rows[0] and y in rows[0]]
             source = f"data/{rel}"
         if not series:
-            missing.append(_missing(f"{title} ({source})"))
+            absent.append(missing(f"{title} ({source})"))
             continue
         try:
             png = _figure(title, series, x)
         except Exception as err:  # a figure that cannot be drawn must not cost the report
-            missing.append(_missing(f"{title} ({source}; {type(err).__name__}: {err})"))
+            absent.append(missing(f"{title} ({source}; {type(err).__name__}: {err})"))
             continue
-        out.append(_img(png, title, source))
-    return "".join(out) + "</div>" + "".join(missing)
+        out.append(img(png, title, source))
+    return "".join(out) + "</div>" + "".join(absent)
 
 
 def pictures_section(data_dir: Path) -> str:
@@ -318,16 +254,16 @@ def pictures_section(data_dir: Path) -> str:
            'collapse order; per class the class-level order.</p>']
     pngs = sorted((plots / "orders").glob("*.png")) if (plots / "orders").is_dir() else []
     if pngs:
-        out.append('<div class="grid">' + "".join(_png_file(p, p.name, 520) for p in pngs)
+        out.append('<div class="grid">' + "".join(png_file(p, p.name, 520) for p in pngs)
                    + "</div>")
     else:
-        out.append(_missing("data/plots/orders/*.png"))
+        out.append(missing("data/plots/orders/*.png"))
     for anchor, title, name, note in (
             ("fig8", "CViT: accuracy vs patches dropped (Fig. 8)", "cvit_fig8.png", ""),
             ("samples", "CMAR samples beside real images", "cmar_samples.png", ": one row per class")):
-        out.append(f'<h2 id="{anchor}">{_e(title)}</h2>')
-        out.append(_png_file(plots / name, f"data/plots/{name}{note}") if (plots / name).exists()
-                   else _missing(f"data/plots/{name}"))
+        out.append(f'<h2 id="{anchor}">{esc(title)}</h2>')
+        out.append(png_file(plots / name, f"data/plots/{name}{note}") if (plots / name).exists()
+                   else missing(f"data/plots/{name}"))
     return "".join(out)
 
 
@@ -338,14 +274,14 @@ def records_section(data_dir: Path) -> str:
     rdir = data_dir / "reports"
     paths = sorted(rdir.glob("*.json")) if rdir.is_dir() else []
     if not paths:
-        return "".join(out) + _missing("data/reports/*.json")
+        return "".join(out) + missing("data/reports/*.json")
     for p in paths:
-        d = _read_json(p)
+        d = read_json_or_none(p)
         text = json.dumps(d, indent=1, sort_keys=False) if d is not None else "(unreadable)"
         if len(text) > MAX_RECORD_CHARS:
             text = text[:MAX_RECORD_CHARS] + f"\n… ({len(text) - MAX_RECORD_CHARS} more characters "\
                                               f"in data/reports/{p.name})"
-        out.append(f"<details><summary>data/reports/{_e(p.name)}</summary><pre>{_e(text)}</pre>"
+        out.append(f"<details><summary>data/reports/{esc(p.name)}</summary><pre>{esc(text)}</pre>"
                    "</details>")
     return "".join(out)
 
@@ -356,15 +292,15 @@ def build_report(data_dir: str | Path = "data", title: str = "The Collapse of Pa
                  ) -> str:
     """The whole report as one HTML string (no external reference, every image inline)."""
     data_dir = Path(data_dir)
-    nav = "".join(f'<a href="#{a}">{_e(t)}</a>' for a, t in (
-        ("orders", "orders vs baselines"), ("metrics", "metrics"), ("curves", "curves"),
+    nav = "".join(f'<a href="#{a}">{esc(t)}</a>' for a, t in (
+        ("orders", "orders vs baselines"), ("criterion", "collapse criterion"), ("metrics", "metrics"), ("curves", "curves"),
         ("orders-pictures", "order pictures"), ("fig8", "Fig. 8"), ("samples", "samples"),
         ("records", "full records")))
     body = "".join(section(data_dir) for section in (
-        orders_section, metrics_section, curves_section, pictures_section, records_section))
+        orders_section, criterion_section, metrics_section, curves_section, pictures_section, records_section))
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>{_e(title)}</title><style>{CSS}</style></head><body>"
-            f"<h1>{_e(title)}</h1><p class=\"note\">Built from <code>{_e(data_dir)}/</code> by "
+            f"<title>{esc(title)}</title><style>{CSS}</style></head><body>"
+            f"<h1>{esc(title)}</h1><p class=\"note\">Built from <code>{esc(data_dir)}/</code> by "
             "<code>cop report</code> (DVC stage <code>report</code>). Self-contained: no "
             f"external reference, readable offline.</p><nav>{nav}</nav>{body}</body></html>\n")
 
