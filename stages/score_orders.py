@@ -87,7 +87,8 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
     write_csv(out.curve, [{"k": k, "revealed": k / N, **{n: c[j] for n, c in summary["curves"].items()}}
                           for j, k in enumerate(ks)])
     plot_curves(out.figure, summary["curves"], ks, N,
-                f"collapse curves, {len(keys)} val images, scorer critic")
+                f"collapse curves (raw), {len(keys)} val images, scorer critic",
+                greedy_images=summary.get("greedy_subset", {}).get("images", 0))
     print(format_table(summary, costs, auc, "scorer"), flush=True)
     print(format_table(gain, costs, auc, "scorer", adjusted=True), flush=True)
     print(f"critic agreement (Spearman of the areas, scorer vs builder, {len(neither)} orders): "

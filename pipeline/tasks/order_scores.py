@@ -201,7 +201,7 @@ def format_table(summary: dict[str, Any], costs: dict[str, dict[str, Any]],
 
 
 def plot_curves(path: Any, curves: dict[str, list[float]], ks: list[int], num_tokens: int,
-                title: str) -> None:
+                title: str, greedy_images: int = 0) -> None:
     """Mean collapse curve per order: NLL of the hidden tokens vs share revealed."""
     import matplotlib
 
@@ -212,9 +212,12 @@ def plot_curves(path: Any, curves: dict[str, list[float]], ks: list[int], num_to
 
     xs = [k / num_tokens for k in ks]
     fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=150)
-    for name, ys in sorted(curves.items(), key=lambda kv: kv[1][-1]):
+    colors = plt.get_cmap("tab20").colors  # 14 orders: a colour each
+    for i, (name, ys) in enumerate(sorted(curves.items(), key=lambda kv: kv[1][-1])):
         style = "-" if name in COMAE or name in CRITIC_BUILT else "--"
-        ax.plot(xs, ys, style, linewidth=1.6 if name.startswith("collapse") else 1.0, label=name)
+        label = f"{name} ({greedy_images} images)" if name == "greedy" else name
+        ax.plot(xs, ys, style, color=colors[(2 * i) % 20 + (2 * i) // 20],
+                linewidth=1.8 if name.startswith("collapse") else 1.0, label=label)
     ax.axvline(0.22, color="0.5", linestyle=":", linewidth=1)
     ax.set_xlabel("share of patches revealed (in each order)")
     ax.set_ylabel("NLL of the hidden tokens (nats / channel)")
