@@ -27,14 +27,14 @@ from pipeline.metrics.collapse import reveal_grid
 from pipeline.metrics.objectness import compare, patch_labels
 from pipeline.orders.baselines import order_scores
 from pipeline.orders.export import compute, to_sequences
-from pipeline.orders.report import mean_scores
+from pipeline.orders.report import mean_scores, report_keys
 from pipeline.orders.shards import CollapseOrders
 from pipeline.paths import outputs
 from pipeline.tasks.comae import load_comae
 from pipeline.tasks.critic import load_critic
 from pipeline.tasks.order_scores import (
     CRITIC_BUILT, agreement, build_orders, flops_of, format_table, plot_curves, score,
-    select_keys, summarise,
+    summarise,
 )
 from pipeline.utils.device import pick_device
 from pipeline.utils.io import atomic_write_json, write_csv
@@ -48,9 +48,9 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
     torch.manual_seed(params.seed)
     out = outputs("score_orders", data_dir)
     orders = CollapseOrders(data_dir / "orders" / "val")
-    store = LatentStore(data_dir / "latents" / "val.zarr", in_memory=True)
+    store = LatentStore(data_dir / "latents" / "val.zarr")  # reads only the scored rows
     images = ImageSet(data_dir / "images" / "val")
-    keys = select_keys(orders.keys, cfg.images)
+    keys = report_keys(orders.keys, cfg.images)
     row_of = {k: i for i, k in enumerate(store.keys)}
     device = pick_device()
     tokens = to_sequences(store.tokens(np.asarray([row_of[k] for k in keys]))).float().to(device)
@@ -68,13 +68,13 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
         builder=builder, greedy_images=cfg.greedy_images, seed=params.seed)
     built["collapse"].update(_comae_cost(data_dir, tokens[:COMAE_TIMING_IMAGES], params, device))
     ks = reveal_grid(N, cfg.points)
-    curves = score(built, tokens, scorer, ks, cfg.batch_size)
-    summary = summarise(curves, ks, N, cfg.bootstrap, params.seed)
-    second = summarise(score({n: o for n, o in built.items() if n not in CRITIC_BUILT}, tokens,
-                             builder, ks, cfg.batch_size), ks, N, cfg.bootstrap, params.seed)
-    # the same, each hidden token against its own blind NLL (what revealing told about it)
-    gain = summarise(score(built, tokens, scorer, ks, cfg.batch_size, adjusted=True), ks, N,
-                     cfg.bootstrap, params.seed)
+    raw, adjusted = score(built, tokens, scorer, ks, cfg.batch_size)
+    summary = summarise(raw, ks, N, cfg.bootstrap, params.seed)
+    # each hidden token against its own blind NLL: what revealing told about it
+    gain = summarise(adjusted, ks, N, cfg.bootstrap, params.seed)
+    second_raw, _ = score({n: o for n, o in built.items() if n not in CRITIC_BUILT}, tokens,
+                          builder, ks, cfg.batch_size)
+    second = summarise(second_raw, ks, N, cfg.bootstrap, params.seed)
     neither = [n for n in summary["area"] if n not in CRITIC_BUILT]
     auc = _object_auc(images, img_rows, built, N)
     costs = {n: {k: o.get(k) for k in ("seconds", "flops", "built_by")} for n, o in built.items()}

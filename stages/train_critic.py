@@ -34,11 +34,12 @@ def run(params: Params, variant: str = "scorer", data_dir: Path | str = Path("da
     data_dir = Path(data_dir)
     cfg = getattr(params.critic, variant)
     with TrainingStage("train_critic", data_dir, HEADLINE, variant=variant) as stage:
-        store = LatentStore(pretrain_split(data_dir / "latents", ".zarr"), in_memory=True)
+        # in memory when it fits the budget (the pool at CPU scale); Zarr chunks otherwise
+        store = LatentStore(pretrain_split(data_dir / "latents", ".zarr"), in_memory=None)
         torch.manual_seed(cfg.seed)
         model = Critic(critic_arch(cfg, store.num_tokens, store.dim))
         task = CriticTask(model, extra_config={"init_seed": cfg.seed, "variant": variant})
-        final = stage.fit(task, TokenGridDataset(store), params.critic.train,
+        final = stage.fit(task, TokenGridDataset(store, in_memory=None), params.critic.train,
                           inputs={"latents": store.identity}, desc=f"critic[{variant}]",
                           report={"variant": variant, "params": count_params(model),
                                   "train_images": len(store)})

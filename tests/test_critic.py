@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from pipeline.metrics.collapse import (
-    collapse_curves, confidence_orders, curve_area, greedy_orders, paired_summary, positions_first,
+    collapse_curves, confidence_orders, curve_area, greedy_orders, hidden_mean, paired_summary,
+    positions_first,
     reveal_grid,
 )
 from pipeline.metrics.intervals import resample_weights
@@ -80,6 +81,32 @@ def test_greedy_finds_the_key_and_confidence_follows_the_scale():
     u = torch.linspace(1, 0, 16)  # the critic is surest of the last position
     order = confidence_orders(lambda t, r: u.expand(len(t), -1), x)
     assert order[0].tolist() == list(range(15, -1, -1))
+
+
+def test_adjusted_curve_does_not_reward_revealing_hard_tokens_first():
+    """Independent tokens of unequal difficulty (token i costs i nats whatever is revealed):
+    no order tells anything about the rest. The raw curve still prefers hard-first (it drops
+    because hard tokens leave the mean); the adjusted one is 0 for every order."""
+    M, N = 3, 16
+    cost = torch.arange(N, dtype=torch.float64).expand(M, N)
+    nll = lambda x, r: cost.to(x.dtype)  # noqa: E731
+    x = torch.zeros(M, N, 1)
+    ks = reveal_grid(N, 4)
+    hard_first, easy_first = torch.arange(N).flip(0).expand(M, N), torch.arange(N).expand(M, N)
+    raw = {n: collapse_curves(nll, x, o, ks) for n, o in (("hard", hard_first), ("easy", easy_first))}
+    assert (curve_area(raw["hard"], ks) < curve_area(raw["easy"], ks)).all()
+    for name, o in (("hard", hard_first), ("easy", easy_first)):
+        adjusted = raw[name] - hidden_mean(cost.numpy(), o.numpy(), ks)
+        np.testing.assert_allclose(adjusted, 0.0, atol=1e-12)  # float64 sums of small integers
+
+
+def test_hidden_mean_is_the_mean_over_what_the_order_hides():
+    rng = np.random.default_rng(0)
+    v, o = rng.normal(size=(4, 16)), np.stack([rng.permutation(16) for _ in range(4)])
+    ks = [0, 3, 15]
+    want = [[v[m, o[m, k:]].mean() for k in ks] for m in range(4)]
+    # float64 cumulative sums of 16 terms against direct means: rounding ~1e-15
+    np.testing.assert_allclose(hidden_mean(v, o, ks), want, rtol=1e-12, atol=1e-12)
 
 
 def test_positions_first_reveals_exactly_k():

@@ -44,15 +44,10 @@ def positions_first(orders: Tensor, k: int) -> Tensor:
 
 @torch.no_grad()
 def collapse_curves(nll: NllFn, tokens: Tensor, orders: Tensor, ks: list[int],
-                    batch_size: int = 256, offset: Tensor | None = None) -> np.ndarray:
+                    batch_size: int = 256) -> np.ndarray:
     """float64 [M, len(ks)]: per image and reveal count, the mean NLL of the hidden tokens.
 
-    tokens [M, N, D]; orders int [M, N] (position revealed first, second, ...). With
-    ``offset`` [M, N] (each token's NLL with nothing revealed) the curve is the mean of
-    NLL - offset over the hidden tokens: the information the revealed patches gave about the
-    rest (negative = gained), blind to *which* tokens are left. Without it an order that
-    reveals the hardest tokens first lowers the curve by removing them from the mean, as
-    well as by what they tell about the others."""
+    tokens [M, N, D]; orders int [M, N] (position revealed first, second, ...)."""
     M, N = orders.shape
     if tokens.shape[:2] != (M, N):
         raise ValueError(f"orders {tuple(orders.shape)} do not match tokens {tuple(tokens.shape)}")
@@ -62,11 +57,23 @@ def collapse_curves(nll: NllFn, tokens: Tensor, orders: Tensor, ks: list[int],
         for j, k in enumerate(ks):
             revealed = positions_first(o, k)
             per = nll(x, revealed)
-            if offset is not None:
-                per = per - offset[s:s + batch_size].to(per)
             hidden = (~revealed).to(per.dtype)
             out[s:s + len(x), j] = ((per * hidden).sum(1) / hidden.sum(1)).double().cpu().numpy()
     return out
+
+
+def hidden_mean(values: np.ndarray, orders: np.ndarray, ks: list[int]) -> np.ndarray:
+    """float64 [M, len(ks)]: the mean of per-token ``values`` [M, N] over the tokens each
+    order [M, N] still hides after k reveals (no critic pass: a cumulative sum along the order).
+
+    With ``values`` each token's NLL with nothing revealed, ``curves - hidden_mean(...)`` is the
+    *adjusted* curve: what the revealed patches told about the rest, blind to which tokens
+    are left. The raw curve also drops when an order reveals the hardest tokens first,
+    because they leave the mean."""
+    v = np.take_along_axis(np.asarray(values, np.float64), np.asarray(orders), axis=1)
+    tail = v[:, ::-1].cumsum(axis=1)[:, ::-1]  # tail[:, k] = sum of the values from place k on
+    N = v.shape[1]
+    return np.stack([tail[:, k] / (N - k) for k in ks], axis=1)
 
 
 def curve_area(curves: np.ndarray, ks: list[int]) -> np.ndarray:
@@ -143,5 +150,5 @@ def paired_summary(areas: dict[str, np.ndarray], weights: np.ndarray,
     return out
 
 
-__all__ = ["collapse_curves", "confidence_orders", "curve_area", "greedy_orders",
+__all__ = ["collapse_curves", "confidence_orders", "curve_area", "greedy_orders", "hidden_mean",
            "paired_summary", "positions_first", "reveal_grid"]

@@ -29,13 +29,12 @@ from scipy.stats import spearmanr
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.metrics.collapse import (
-    collapse_curves, confidence_orders, curve_area, greedy_orders, paired_summary,
+    collapse_curves, confidence_orders, curve_area, greedy_orders, hidden_mean, paired_summary,
 )
 from pipeline.metrics.intervals import resample_weights
 from pipeline.models.critic import Critic
 from pipeline.orders import baselines
 from pipeline.orders.pagerank import collapse_order
-from pipeline.orders.report import report_keys
 
 CHEAP = ("random", "raster", "centre", "halton", "fixed", "pixel_variance", "token_saliency",
          "token_l1")
@@ -104,21 +103,19 @@ def build_orders(*, collapse_scores: np.ndarray, matrices: np.ndarray | None, to
 
 
 def score(orders: dict[str, dict[str, Any]], tokens: torch.Tensor, critic: Critic, ks: list[int],
-          batch_size: int, adjusted: bool = False) -> dict[str, np.ndarray]:
-    """Per order: the curves [M', len(ks)] under ``critic`` (M' = the images it has);
-    ``adjusted``: each hidden token's NLL minus its NLL with nothing revealed."""
+          batch_size: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Per order, the raw and the adjusted curves [M', len(ks)] under ``critic`` (M' = the
+    images it has): one critic pass per (order, k), plus one with nothing revealed."""
     fn = nll_fn(critic)
-    offset = None
-    if adjusted:
-        with torch.no_grad():
-            offset = torch.cat([fn(tokens[s:s + batch_size],
-                                   torch.zeros(tokens[s:s + batch_size].shape[:2], dtype=torch.bool,
-                                               device=tokens.device))
-                                for s in range(0, len(tokens), batch_size)])
-    return {name: collapse_curves(fn, tokens[:len(o["orders"])],
-                                  torch.from_numpy(np.ascontiguousarray(o["orders"])), ks, batch_size,
-                                  offset=None if offset is None else offset[:len(o["orders"])])
-            for name, o in orders.items()}
+    with torch.no_grad():
+        blind = torch.cat([fn(x, torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device))
+                           for x in tokens.split(batch_size)]).double().cpu().numpy()
+    raw, adjusted = {}, {}
+    for name, o in orders.items():
+        order = np.ascontiguousarray(o["orders"])
+        raw[name] = collapse_curves(fn, tokens[:len(order)], torch.from_numpy(order), ks, batch_size)
+        adjusted[name] = raw[name] - hidden_mean(blind[:len(order)], order, ks)
+    return raw, adjusted
 
 
 def summarise(curves: dict[str, np.ndarray], ks: list[int], num_tokens: int, bootstrap: int,
@@ -160,10 +157,6 @@ def agreement(a: dict[str, Any], b: dict[str, Any], names: list[str]) -> dict[st
     y = [b["area"][n]["mean"] for n in names]
     rho = spearmanr(x, y).statistic
     return {"orders": names, "spearman": float(rho)}
-
-
-def select_keys(keys: list[str], count: int) -> list[str]:
-    return report_keys(keys, count)
 
 
 def format_table(summary: dict[str, Any], costs: dict[str, dict[str, Any]],
@@ -212,10 +205,15 @@ def plot_curves(path: Any, curves: dict[str, list[float]], ks: list[int], num_to
 
     xs = [k / num_tokens for k in ks]
     fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=150)
-    colors = plt.get_cmap("tab20").colors  # 14 orders: a colour each
-    for i, (name, ys) in enumerate(sorted(curves.items(), key=lambda kv: kv[1][-1])):
+    # 14 orders, a colour each: the strong half of tab20 for CoMAE's, the critics' and the
+    # main references, the pale half for the rest
+    strong = [*COMAE, *CRITIC_BUILT, "random", "token_l1", "halton", "token_saliency"]
+    rank = {n: i for i, n in enumerate(strong + sorted(set(curves) - set(strong)))}
+    colors = plt.get_cmap("tab20").colors
+    for name, ys in sorted(curves.items(), key=lambda kv: kv[1][-1]):
         style = "-" if name in COMAE or name in CRITIC_BUILT else "--"
         label = f"{name} ({greedy_images} images)" if name == "greedy" else name
+        i = rank[name]
         ax.plot(xs, ys, style, color=colors[(2 * i) % 20 + (2 * i) // 20],
                 linewidth=1.8 if name.startswith("collapse") else 1.0, label=label)
     ax.axvline(0.22, color="0.5", linestyle=":", linewidth=1)
@@ -231,4 +229,4 @@ def plot_curves(path: Any, curves: dict[str, list[float]], ks: list[int], num_to
 
 
 __all__ = ["CHEAP", "COMAE", "CRITIC_BUILT", "agreement", "build_orders", "flops_of",
-           "format_table", "plot_curves", "score", "select_keys", "summarise"]
+           "format_table", "plot_curves", "score", "summarise"]

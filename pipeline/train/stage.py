@@ -17,14 +17,13 @@ stage that fails writes neither, so DVC never sees a half-finished record::
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 from torch.utils.data import Dataset
 
 from pipeline.paths import outputs
-from pipeline.train.trainer import Trainer, TrainTask
+from pipeline.train.trainer import Trainer, TrainTask, json_safe
 from pipeline.utils.dist import DistInfo, cleanup, init_distributed
 from pipeline.utils.io import atomic_write_json
 
@@ -52,9 +51,9 @@ class TrainingStage:
     def __exit__(self, exc_type: Any, *_: Any) -> None:
         try:
             if exc_type is None and self.is_main and self.metrics:
-                atomic_write_json(self.out.report, _json_safe(self.metrics))
+                atomic_write_json(self.out.report, json_safe(self.metrics))
                 flat = _flatten(self.metrics)
-                atomic_write_json(self.out.metrics, {k: _finite(flat.get(k)) for k in self.headline})
+                atomic_write_json(self.out.metrics, json_safe({k: flat.get(k) for k in self.headline}))
                 if self._summary:
                     print(self._summary, flush=True)
         finally:
@@ -68,8 +67,7 @@ class TrainingStage:
         ``curve`` where it has one."""
         log_csv = trainer_kw.pop("log_csv", getattr(self.out, "curve", None))
         trainer = Trainer(task, dataset, train_cfg, self.out.run, inputs=inputs,
-                          log_csv=log_csv, metrics_json=self.out.report,
-                          report=report, desc=desc, **trainer_kw)
+                          log_csv=log_csv, desc=desc, **trainer_kw)
         final = trainer.fit()
         self.metrics = {**(report or {}), **final}
         return self.metrics
@@ -90,10 +88,3 @@ def _flatten(d: dict[str, Any]) -> dict[str, Any]:
             flat.update({f"{k}_{kk}": vv for kk, vv in v.items()})
     return flat
 
-
-def _finite(v: Any) -> Any:
-    return None if isinstance(v, float) and not math.isfinite(v) else v
-
-
-def _json_safe(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: _finite(v) for k, v in d.items()}

@@ -370,7 +370,7 @@ class Trainer:
             atomic_write_json(self.out_dir / "config.json",
                               {**self._meta(), "train_full": params_dict(self.cfg), "final": final})
             if self.metrics_json:
-                atomic_write_json(self.metrics_json, _json_safe({**self.report, **final}))
+                atomic_write_json(self.metrics_json, json_safe({**self.report, **final}))
         barrier()
         return final
 
@@ -380,5 +380,6 @@ def _short(diff: str, width: int = 60) -> str:
     return diff if len(diff) <= width else diff[:width - 1] + "…"
 
 
-def _json_safe(d: dict[str, Any]) -> dict[str, Any]:
+def json_safe(d: dict[str, Any]) -> dict[str, Any]:
+    """NaN/inf floats as null: JSON has no spelling for them."""
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
