@@ -42,7 +42,7 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
         print(f"[pretrain_mar] cmar.model.pretrained is set: the CMAR variants start from {cfg.model.pretrained}")
         return record
     with TrainingStage("pretrain_mar", data_dir, HEADLINE) as stage:
-        store = LatentStore(pretrain_split(data_dir / "latents", ".zarr"), in_memory=True)
+        store = LatentStore(pretrain_split(data_dir / "latents", ".zarr"), in_memory=None)
         model, _ = build_cmar(cfg, store, seed=params.seed)
         task = CmarTask(model, cfg, store.scale_factor, extra_config={"stage": "pretrain_mar"})
         dataset = CmarDataset(TokenGridDataset(store), with_moments=cfg.model.posterior_sample)

@@ -12,14 +12,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from pipeline.config import Params
 from pipeline.paths import outputs
-from pipeline.latents.store import LatentStore, TokenGridDataset
+from pipeline.latents.store import LatentStore, TokenGridDataset, spaced_rows
 from pipeline.metrics.mechanism import MechanismDataset, precision_at_1
 from pipeline.tasks.comae import build_comae, load_comae
 from pipeline.train.trainer import Trainer
+from pipeline.utils.device import pick_device
 from pipeline.utils.dist import cleanup, init_distributed
 from pipeline.utils.io import atomic_write_json
 
@@ -30,7 +29,7 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
     out = outputs("probe_comae", data_dir)
     info = init_distributed()
     try:
-        store = LatentStore(data_dir / "latents" / "train.zarr", in_memory=True)
+        store = LatentStore(data_dir / "latents" / "train.zarr", in_memory=None)
         train_cfg = cfg.train.model_copy(update={"steps": params.comae_probe.steps})
         cfg = cfg.model_copy(update={"train": train_cfg})  # schedules follow the probe's length
         task = build_comae(cfg, store, params.seed, probe="copy-mechanism")
@@ -43,8 +42,9 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
         probe, _ = load_comae(out.run)
         # held-out val grids when the split exists (the DVC route without val scores train)
         split = "val" if (data_dir / "latents" / "val.zarr").exists() else "train"
-        grids = LatentStore(data_dir / "latents" / f"{split}.zarr", in_memory=True)
-        scores = precision_at_1(probe, grids.tokens(np.arange(len(grids))))
+        grids = LatentStore(data_dir / "latents" / f"{split}.zarr")
+        probe.to(pick_device())
+        scores = precision_at_1(probe, grids.tokens(spaced_rows(len(grids), params.comae_probe.images)))
         # names of their own: `dvc exp show` prefixes a key two metrics files share with the
         # file's path, and train_comae's L_r is the one an experiment table shows
         metrics = {**scores, "probe_L_r": final.get("L_r"), "probe_steps": final.get("train_steps"),

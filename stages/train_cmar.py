@@ -37,7 +37,7 @@ def run(params: Params, variant: str = "cmar", data_dir: Path | str = Path("data
     data_dir = Path(data_dir)
     cfg = variant_config(params.cmar, variant)
     with TrainingStage("train_cmar", data_dir, HEADLINE, variant=variant) as stage:
-        store = LatentStore(data_dir / "latents" / "train.zarr", in_memory=True)
+        store = LatentStore(data_dir / "latents" / "train.zarr", in_memory=None)
         orders = CollapseOrders(data_dir / "orders" / "train")
         # Bad input, before any work: orders for another grid (or tokenizer) than the latents.
         ordered = OrderedTokenDataset(store, orders)

@@ -15,15 +15,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from pipeline.config import Params
 from pipeline.paths import outputs
-from pipeline.latents.store import LatentStore, TokenGridDataset
+from pipeline.latents.store import LatentStore, TokenGridDataset, spaced_rows
 from pipeline.metrics.selection import format_selection, selection_report
 from pipeline.models.layers import count_params
 from pipeline.tasks.comae import build_comae, load_comae
 from pipeline.train.stage import TrainingStage
+from pipeline.utils.device import pick_device
 from pipeline.utils.io import write_csv
 
 # Headline figures for `dvc metrics show`; the rest is in data/reports/comae.json.
@@ -36,7 +35,7 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
     data_dir = Path(data_dir)
     cfg = params.comae
     with TrainingStage("train_comae", data_dir, HEADLINE) as stage:
-        store = LatentStore(data_dir / "latents" / "train.zarr", in_memory=True)
+        store = LatentStore(data_dir / "latents" / "train.zarr", in_memory=None)
         # The grid and token dim come from the store; a model is built for them (nothing
         # assumes 16x16x16), and the task re-checks every batch against the model.
         task = build_comae(cfg, store, params.seed)
@@ -51,20 +50,24 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
                   f"  tau {final.get('tau', float('nan')):.4f} after {final.get('train_steps')} steps "
                   f"({final.get('wall_time_s') or 0:.0f} s, {final.get('items_per_s', 0):.0f} "
                   f"reconstructions/s) -> {stage.out.run}", flush=True)
-            stage.record(val=_val_diagnostics(data_dir, store, params.seed))
+            stage.record(val=_val_diagnostics(data_dir, store, params.seed, cfg.report_images))
     return stage.metrics
 
 
-def _val_diagnostics(data_dir: Path, train: LatentStore, seed: int) -> dict[str, Any]:
-    """Selection diagnostics of the weights export_orders will read, on the val split."""
+def _val_diagnostics(data_dir: Path, train: LatentStore, seed: int, cap: int) -> dict[str, Any]:
+    """Selection diagnostics of the weights export_orders will read, on at most ``cap``
+    evenly spaced val images (the linear reference fitted on as many train images), on the
+    training device."""
     val_path = data_dir / "latents" / "val.zarr"
     if not val_path.exists():
         return {}
     out = outputs("train_comae", data_dir)
     trained, _ = load_comae(out.run)
-    val = LatentStore(val_path, in_memory=True)
-    figures, hist = selection_report(trained, train.tokens(np.arange(len(train))),
-                                     val.tokens(np.arange(len(val))), seed=seed)
+    trained.to(pick_device())
+    val = LatentStore(val_path)
+    figures, hist = selection_report(trained, train.tokens(spaced_rows(len(train), cap)),
+                                     val.tokens(spaced_rows(len(val), cap)), seed=seed)
+    figures["images"] = min(len(val), cap)
     write_csv(out.w_hist, hist)
     print(format_selection(figures), flush=True)
     return figures

@@ -374,8 +374,8 @@ def _inject(fault: str | None, world: int) -> None:
         trainer.StepBatchSampler = Rank0Rows
     elif fault == "other_noise_rows":  # the right images, another rank's noise and targets
         class FirstRows(trainer.StepContext):
-            def _rows(self, full):
-                return full[:len(self.rows)].to(self.device)
+            def __init__(self, step, rows, *a, **kw) -> None:
+                super().__init__(step, torch.arange(len(rows)), *a, **kw)  # rank 0's rows' draws
         trainer.StepContext = FirstRows
 
 

@@ -20,7 +20,7 @@ from pipeline.data.crop import to_model_input
 from pipeline.data.imageset import ImageSet
 from pipeline.latents import writer
 from pipeline.latents.store import (FORMAT, LatentStore, LatentStoreError, TokenGridDataset,
-                                    sample_posterior)
+                                    memory_budget, sample_posterior, spaced_rows)
 from pipeline.latents.writer import extract_latents
 from pipeline.tokenizers import PatchTokenizer
 from tests.support import write_imageset
@@ -139,6 +139,41 @@ def test_memory_and_zarr_paths_agree(reference):
         idx = rng.integers(0, N, 7)
         flips = rng.integers(0, 2, 7).astype(bool)
         assert torch.equal(mem.moments(idx, flips), direct.moments(idx, flips))
+
+
+@pytest.mark.parametrize("with_moments", [False, True])
+def test_dataset_items_agree_in_memory_and_streamed(reference, with_moments):
+    rows = [5, 0, 9, 5]
+    mem = TokenGridDataset(LatentStore(reference), in_memory=True, with_moments=with_moments)
+    streamed = TokenGridDataset(LatentStore(reference), in_memory=False, with_moments=with_moments)
+    for a, b in zip(mem.__getitems__(rows), streamed.__getitems__(rows)):
+        assert a.keys() == b.keys() and a["tokens"].shape[0] == LatentStore(reference).dim
+        assert all(torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k] for k in a)
+
+
+def test_memory_budget_decides_and_guards(reference, monkeypatch):
+    store = LatentStore(reference)
+    monkeypatch.setenv("COP_MEMORY_BUDGET", str(store.nbytes))
+    assert memory_budget() == store.nbytes and LatentStore(reference, in_memory=None).in_memory
+    monkeypatch.setenv("COP_MEMORY_BUDGET", "1.5K")
+    assert memory_budget() == 1536
+    auto = TokenGridDataset(LatentStore(reference), in_memory=None)
+    assert not auto.store.in_memory and auto.store._mem is None  # streamed, never decompressed
+    with pytest.raises(LatentStoreError, match="refusing to decompress"):
+        LatentStore(reference, in_memory=True).tokens(0)
+    monkeypatch.setenv("COP_MEMORY_BUDGET", "lots")
+    with pytest.raises(ValueError, match="COP_MEMORY_BUDGET"):
+        memory_budget()
+    monkeypatch.delenv("COP_MEMORY_BUDGET")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    one = memory_budget()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert memory_budget() == one // 8  # torchrun's processes on a machine share its RAM
+
+
+def test_spaced_rows():
+    assert spaced_rows(3, 5).tolist() == [0, 1, 2]
+    assert spaced_rows(10, 4).tolist() == [0, 3, 6, 9]
 
 
 # In memory: forked workers share the parent's copy. From Zarr: spawned workers get a

@@ -61,6 +61,8 @@ def repo(tmp_path_factory) -> tuple[Path, dict[str, str]]:
 # (list_source runs on every repro, `always_changed`: its params record values, never decide.)
 TRACKED_UNREAD = {
     ("probe_comae", "comae.train.steps"): "replaced by comae_probe.steps, the probe's length",
+    ("probe_comae", "comae.report_images"): "train_comae's report cap; the probe tracks the comae "
+                                            "section whole (its model is that section)",
     ("train_judge", "tokenizer.checkpoint"): "read when tokenizer.kind is kl16",
     ("eval_cmar", "tokenizer.checkpoint"): "read when tokenizer.kind is kl16",
     ("train_cvit", "cvit.allow_missing_keys"): "read when cvit.model.pretrained is set",

@@ -87,6 +87,29 @@ def test_lr_schedule_warmup_then_cosine_to_min():
     assert lr_at(55, c) == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5))
 
 
+def test_step_noise_is_per_global_row():
+    """Each rank draws only its own rows, and gets exactly the numbers one process holding the
+    whole batch gets for them; a step's scalar is the same everywhere."""
+    from pipeline.train.steps import StepContext
+
+    def ctx(rows, step=5):
+        return StepContext(step, torch.as_tensor(rows), 6, torch.device("cpu"), 3, torch.float32)
+
+    def draws(c):
+        return (c.uniform(), c.randn(2, 3), c.rand(), c.randint(10, 4), c.randperm(7))
+
+    one, lo, hi = draws(ctx(range(6))), draws(ctx([0, 1, 2])), draws(ctx([3, 4, 5]))
+    assert one[0] == lo[0] == hi[0]
+    for a, b, c in zip(one[1:], lo[1:], hi[1:]):
+        assert torch.equal(a, torch.cat([b, c]))
+    assert one[1].shape == (6, 2, 3) and one[2].shape == (6,) and one[3].shape == (6, 4)
+    assert all(sorted(p.tolist()) == list(range(7)) for p in one[4])
+    assert len({tuple(r.flatten().tolist()) for r in one[1]}) == 6  # rows differ
+    assert not torch.equal(draws(ctx(range(6), step=6))[1], one[1])  # steps differ
+    c = ctx(range(6))
+    assert not torch.equal(c.randn(2, 3), c.randn(2, 3))  # successive draws differ
+
+
 def test_sampler_split_is_disjoint_and_complete():
     one = StepBatchSampler(10, 4, seed=3, start_step=0, end_step=5)
     parts = [list(StepBatchSampler(10, 4, 3, 0, 5, rank=r, world=2)) for r in range(2)]

@@ -42,6 +42,9 @@ class ComaeConfig(Section):
     w_shuffle: float = Field(
         0.0, ge=0, le=1, description="share of decoder-step sequences whose w is moved to random "
         "positions, so g learns to read any selection; 0: paper")
+    report_images: int = Field(
+        2048, ge=1, description="val images (evenly spaced) the selection diagnostics after "
+        "training score, and train images the linear reference is fitted on; not the model's")
     train: TrainConfig = TrainConfig(steps=600, batch_size=16, lr=1e-3, ckpt_every=200)
 
     @model_validator(mode="after")
@@ -54,6 +57,8 @@ class ComaeProbeConfig(Section):
 
     steps: int = Field(600, ge=1, description="training steps of the probe's CoMAE (its other "
                        "train settings are comae.train's)")
+    images: int = Field(1024, ge=1, description="held-out grids (evenly spaced) scored for "
+                        "precision@1")
 
 
 # ----------------------------------------------------------------------------- orders

@@ -17,7 +17,9 @@ One Zarr v3 group per split:
 
 Readers get token grids scaled by ``scale_factor`` (MAR multiplies latents by 0.2325 before any
 model sees them). Random access is served either from an in-memory copy (decompressed once;
-the fast path for training) or from Zarr through a bounded cache of decoded chunks.
+the fast path for training, taken only when the split fits :func:`memory_budget`) or from
+Zarr through a bounded cache of decoded chunks (ImageNet: chunks of one row, so a random row
+costs one row's read; the shard index locates it).
 """
 
 from __future__ import annotations
@@ -117,6 +119,14 @@ def read_attrs(path: str | Path) -> dict[str, Any] | None:
         return None
 
 
+def spaced_rows(n: int, cap: int) -> np.ndarray:
+    """At most ``cap`` row indices spread evenly over ``range(n)`` (all of them when n <= cap):
+    the rows a capped report reads, the same whatever the number of processes."""
+    if n <= cap:
+        return np.arange(n, dtype=np.int64)
+    return np.unique(np.linspace(0, n - 1, cap).round().astype(np.int64))
+
+
 # ----------------------------------------------------------------------------- reader
 
 
@@ -132,20 +142,40 @@ def sample_posterior(moments: torch.Tensor, scale_factor: float,
     return (mean + std * eps) * scale_factor
 
 
-def _default_memory_budget() -> int:
-    """Auto in-memory mode uses at most a quarter of physical RAM."""
+MEMORY_BUDGET_ENV = "COP_MEMORY_BUDGET"
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def memory_budget() -> int:
+    """Bytes one process may spend on a decompressed latent split.
+
+    ``COP_MEMORY_BUDGET`` (bytes, or with a K/M/G/T suffix) when set; otherwise a quarter of
+    physical RAM shared by the processes torchrun starts on this machine (``LOCAL_WORLD_SIZE``):
+    8 ranks each holding ImageNet's 84 GB would need 672 GB.
+    """
+    raw = os.environ.get(MEMORY_BUDGET_ENV, "").strip().upper().removesuffix("B")
+    if raw:
+        num, unit = (raw[:-1], raw[-1]) if raw[-1] in _UNITS else (raw, "")
+        try:
+            return int(float(num) * _UNITS[unit])
+        except ValueError:
+            raise ValueError(f"{MEMORY_BUDGET_ENV}={os.environ[MEMORY_BUDGET_ENV]!r}: expected bytes "
+                             "such as 8000000000 or 8G") from None
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
-        return 4 << 30
+        ram = 16 << 30
+    return ram // 4 // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
 
 
 class LatentStore:
     """Reader of one split's latent store. Picklable (Zarr is opened lazily per process).
 
     ``in_memory``: True decompresses ``moments`` once on first use; False reads Zarr chunks
-    through an LRU cache of ``cache_bytes``; None picks memory when the array fits a quarter
-    of RAM. A store that is still being written (or of another format) is refused.
+    through an LRU cache of ``cache_bytes``; None picks memory when the array fits
+    :func:`memory_budget`. Decompressing a store larger than that budget is refused (it would
+    run every rank out of memory at ImageNet size), and so is a store still being written or
+    of another format.
     """
 
     def __init__(self, path: str | Path, *, in_memory: bool | None = False,
@@ -175,9 +205,7 @@ class LatentStore:
         self._arr: zarr.Array | None = None
         self._mem: np.ndarray | None = None
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
-        if in_memory is None:
-            in_memory = self.nbytes <= _default_memory_budget()
-        self.in_memory = bool(in_memory)
+        self.in_memory = self.fits_memory() if in_memory is None else bool(in_memory)
 
     # ------------------------------------------------------------------ metadata
     def __len__(self) -> int:
@@ -223,6 +251,9 @@ class LatentStore:
     def nbytes(self) -> int:
         return int(np.prod(self.shape)) * 4
 
+    def fits_memory(self) -> bool:
+        return self.nbytes <= memory_budget()
+
     @property
     def identity(self) -> dict[str, Any]:
         """What made this store; downstream artifacts record it."""
@@ -249,6 +280,12 @@ class LatentStore:
         """Decompress the whole ``moments`` array into memory (idempotent)."""
         self.in_memory = True
         if self._mem is None:
+            if not self.fits_memory():
+                raise LatentStoreError(
+                    f"{self.path}: refusing to decompress {self.nbytes / 2**30:.2f} GiB of latents "
+                    f"into memory, over this process's budget of {memory_budget() / 2**30:.2f} GiB "
+                    f"(a quarter of RAM over the local processes, or {MEMORY_BUDGET_ENV}); read it "
+                    "through the chunk cache instead (in_memory=None or False)")
             self._mem = self._array()[...] if len(self) else np.zeros(self.shape, np.float32)
             self._cache.clear()
         return self
@@ -337,17 +374,16 @@ class TokenGridDataset(torch.utils.data.Dataset):
     with ``with_moments`` also ``"moments", "moments_flip"`` ``[2*dim, h, w]`` (unscaled) so a
     task can draw posterior samples (:func:`sample_posterior`) with its own RNG.
 
-    ``in_memory``: True (default) decompresses the store once, here, in the creating process,
-    so forked DataLoader workers share it; None decides by size; False reads Zarr chunks.
+    ``in_memory``: True decompresses the store once, here, in the creating process, so forked
+    DataLoader workers share it; None (default) does that when it fits :func:`memory_budget`
+    and otherwise reads Zarr chunks through the bounded cache; False always reads chunks.
     """
 
-    def __init__(self, store: LatentStore | str | Path, in_memory: bool | None = True,
+    def __init__(self, store: LatentStore | str | Path, in_memory: bool | None = None,
                  with_moments: bool = False) -> None:
         if not isinstance(store, LatentStore):
             store = LatentStore(store)
-        if in_memory is None:
-            in_memory = store.nbytes <= _default_memory_budget()
-        store.in_memory = bool(in_memory)
+        store.in_memory = store.fits_memory() if in_memory is None else bool(in_memory)
         if store.in_memory:
             store.load()
         self.store = store
@@ -367,13 +403,14 @@ class TokenGridDataset(torch.utils.data.Dataset):
     def _items(self, rows: np.ndarray) -> list[dict[str, Any]]:
         store, dim = self.store, self.store.dim
         rows = store._rows(rows)
+        # Gather only what is returned: the means unless moments are asked for.
+        part = slice(None) if self.with_moments else slice(0, dim)
         if store.in_memory:
             store.load()
-            # Gather only what is returned: the means unless moments are asked for.
-            part = slice(None) if self.with_moments else slice(0, dim)
             both = torch.from_numpy(store._mem[rows, :, part])  # a copy: [k, 2, d, h, w]
         else:
-            both = torch.stack([store.moments(rows, False), store.moments(rows, True)], dim=1)
+            both = torch.stack([store.moments(rows, False)[:, part], store.moments(rows, True)[:, part]],
+                               dim=1)
         toks = both[:, :, :dim].mul(store.scale_factor) if self.with_moments \
             else both.mul_(store.scale_factor)
         # Per-item views via unbind (one C++ call): the per-item Python work is what limits

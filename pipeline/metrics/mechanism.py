@@ -23,6 +23,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from pipeline.utils.device import module_device
+
 MODES = ("h_shift", "v_shift", "h_mirror", "v_mirror")
 
 
@@ -89,12 +91,13 @@ def precision_at_1(model: Any, grids: torch.Tensor, batch: int = 16) -> dict[str
     """Precision@1 of ``model.dependency_matrices`` rows against the true sources, for real
     token grids [M, D, g, g] turned into mechanism grids (image i gets ``mode_of(i)``)."""
     M, _, g, _ = grids.shape
+    dev = module_device(model)
     hits = {m: [] for m in MODES}
     for s in range(0, M, batch):
         idx = range(s, min(M, s + batch))
         mech = torch.stack([apply(grids[i], mode_of(i)) for i in idx])
-        A = model.dependency_matrices(mech.flatten(2).transpose(1, 2).contiguous())  # [b, N, N]
-        A = A.clone()
+        A = model.dependency_matrices(mech.flatten(2).transpose(1, 2).contiguous().to(dev))
+        A = A.float().cpu()  # [b, N, N]
         A.diagonal(dim1=1, dim2=2).fill_(-1.0)  # never the target itself
         best = A.argmax(-1).numpy()  # [b, N]
         for row, i in enumerate(idx):

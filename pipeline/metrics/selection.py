@@ -25,33 +25,42 @@ import numpy as np
 import torch
 
 from pipeline.metrics.objectness import mean_ci
+from pipeline.utils.device import module_device
 
 HIST_BINS = 20
 
 
-def _sequences(tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    return tokens[idx].flatten(2).transpose(1, 2).contiguous()  # [b, N, D]
+def _sequences(tokens: torch.Tensor, idx: slice, device: torch.device) -> torch.Tensor:
+    return tokens[idx].flatten(2).transpose(1, 2).contiguous().to(device)  # [b, N, D]
 
 
 @torch.no_grad()
 def selections(model: Any, tokens: torch.Tensor, targets: torch.Tensor, batch: int = 32) -> torch.Tensor:
-    """f's w [M, T, N] for token grids [M, D, h, w] and targets [M, T]."""
-    out = [model.select(_sequences(tokens, slice(s, s + batch)), targets[s:s + batch])
+    """f's w [M, T, N] (on the CPU) for token grids [M, D, h, w] and targets [M, T], computed in
+    batches on the model's device."""
+    dev = module_device(model)
+    out = [model.select(_sequences(tokens, slice(s, s + batch), dev), targets[s:s + batch].to(dev)).cpu()
            for s in range(0, len(tokens), batch)]
     return torch.cat(out)
 
 
 @torch.no_grad()
 def recon_l1(model: Any, tokens: torch.Tensor, targets: torch.Tensor, w: torch.Tensor,
-             eps: torch.Tensor, batch: int = 32) -> torch.Tensor:
-    """Per-sample L1 error [M, T] of g given selections w [M, T, N] and noise eps."""
+             noise_seed: int, batch: int = 32) -> torch.Tensor:
+    """Per-sample L1 error [M, T] of g given selections w [M, T, N]. The eq. 3 noise of each
+    batch is drawn from ``(noise_seed, batch start)``: every selection compared meets the same
+    noise, and none of it is held for the whole set."""
+    dev = module_device(model)
     errs = []
     for s in range(0, len(tokens), batch):
-        seq = _sequences(tokens, slice(s, s + batch))
-        tg = targets[s:s + batch]
-        rec = model.reconstruct(model.noise(seq, tg, w[s:s + batch], eps[s:s + batch]), tg)
+        seq = _sequences(tokens, slice(s, s + batch), dev)
+        tg = targets[s:s + batch].to(dev)
+        b, T = tg.shape
+        gen = torch.Generator().manual_seed(noise_seed * 1_000_003 + s)
+        eps = torch.randn(b, T, seq.shape[1] - 1, seq.shape[2], generator=gen).to(dev)
+        rec = model.reconstruct(model.noise(seq, tg, w[s:s + batch].to(dev), eps), tg)
         true = torch.gather(seq, 1, tg.unsqueeze(-1).expand(-1, -1, seq.shape[-1]))
-        errs.append((true - rec).abs().sum(-1))
+        errs.append((true - rec).abs().sum(-1).float().cpu())
     return torch.cat(errs)
 
 
@@ -84,14 +93,15 @@ def image_mean_l1(seq: np.ndarray) -> float:
 def selection_report(model: Any, train_tokens: torch.Tensor, val_tokens: torch.Tensor,
                      targets_per_image: int = 16, train_images: int = 128, seed: int = 0
                      ) -> tuple[dict[str, Any], list[dict[str, float]]]:
-    """(figures, w histogram rows) for token grids ``[M, D, h, w]`` of train and val."""
-    N, D = model.num_tokens, model.token_dim
+    """(figures, w histogram rows) for token grids ``[M, D, h, w]`` of train and val (the
+    callers cap M: every figure here holds [M, T, N] selections in memory)."""
+    N = model.num_tokens
     grid = model.grid
     gen = torch.Generator().manual_seed(seed)
     M = len(val_tokens)
     T = min(targets_per_image, N - 1)
     targets = torch.rand(M, N, generator=gen).argsort(1)[:, :T]
-    eps = torch.randn(M, T, N - 1, D, generator=gen)
+    noise_seed = int(torch.randint(2**31 - 1, (), generator=gen))
 
     # Train-mean selection per target: all N targets of a subset of train images.
     sub = train_tokens[torch.randperm(len(train_tokens), generator=gen)[:train_images]]
@@ -103,7 +113,7 @@ def selection_report(model: Any, train_tokens: torch.Tensor, val_tokens: torch.T
     shift = torch.roll(torch.arange(M), 1)  # another val image, same targets
     w_other = selections(model, val_tokens[shift], targets)
     w_clean = torch.ones_like(w_own).scatter(2, targets.unsqueeze(-1), 0.0)
-    err = {name: recon_l1(model, val_tokens, targets, w, eps)
+    err = {name: recon_l1(model, val_tokens, targets, w, noise_seed)
            for name, w in (("own", w_own), ("mean", w_avg), ("other", w_other), ("clean", w_clean))}
     gain, gain_ci = mean_ci((err["mean"] - err["own"]).mean(1).tolist())
 

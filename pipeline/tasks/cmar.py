@@ -13,9 +13,9 @@ flipped image's order.
 
 Randomness. Everything per sequence (flip, random-order choice, the permutation, label
 dropout, posterior noise, diffusion steps and noise) is drawn through the trainer's
-``StepContext`` for the whole global batch, so 1 and N processes compute the same loss. The
+``StepContext`` per global row, so 1 and N processes compute the same loss. The
 mask ratio is ONE number per step (the encoder drops the same count in every row, as MAR):
-the step generator's first draw, the same on every rank. Nothing here reads the global RNG.
+``ctx.uniform()``, the same on every rank. Nothing here reads the global RNG.
 
 Latents. MAR trains on posterior samples of the VAE (``posterior.sample() * 0.2325``); with
 ``cmar.model.posterior_sample`` (default) the task draws them from the stored moments with the
@@ -200,7 +200,7 @@ class CmarTask(TrainTask):
         N, D, mul = mar.seq_len, mar.token_embed_dim, mar.diffusion_batch_mul
         # One mask count per step, identical on every rank: the first draw of the step's
         # generator (before any per-row draw, so its place in the stream is fixed), as CViT's ratio.
-        num_masked = mar.num_masked(float(torch.rand((), generator=ctx.generator)))
+        num_masked = mar.num_masked(ctx.uniform())
 
         # Per-sequence draws, always in this order so streams do not depend on the config.
         flip = ctx.rand() < 0.5                                   # [b]

@@ -46,7 +46,7 @@ def comae_arch(cfg: ComaeConfig, grid: int, token_dim: int) -> ComaeArch:
 def stored_config(cfg: ComaeConfig, grid: int, token_dim: int) -> dict[str, Any]:
     """What config.json stores of the network: enough to rebuild it (:func:`comae_from_config`)."""
     return {"format": FORMAT, "grid": grid, "token_dim": token_dim,
-            "comae": cfg.model_dump(mode="json", by_alias=True, exclude={"train"})}
+            "comae": cfg.model_dump(mode="json", by_alias=True, exclude={"train", "report_images"})}
 
 
 class ComaeTask(TrainTask):

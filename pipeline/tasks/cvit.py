@@ -27,8 +27,8 @@ attention masks, and the step's compute falls with k. The variants differ only i
 patches are kept. The ViT variant trains on full images (ratio 0).
 
 Randomness (ratio, flips, random drops) comes from the trainer's ``StepContext``: the ratio
-from its per-step generator (the same number on every rank), flips and random orders drawn
-for the whole global batch, so 1 and N processes train on identical inputs. A flipped image
+from ``ctx.uniform()`` (the same number on every rank), flips and random orders drawn
+per global row, so 1 and N processes train on identical inputs. A flipped image
 uses the order of the flipped image (the shard set's ``flip_order``).
 """
 
@@ -238,7 +238,7 @@ class CvitTask(TrainTask):
         (drawn first, before any per-row draw, so its place in the stream is fixed)."""
         if self.drop == "none":
             return 0.0
-        u = float(torch.rand((), generator=ctx.generator))
+        u = ctx.uniform()
         return float(cosine_mask_ratio(u, self.max_mask_ratio))
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor], ctx: StepContext

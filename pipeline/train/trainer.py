@@ -7,8 +7,8 @@ checkpoints with exact resume, and the metrics a DVC stage reports.
 
 Determinism: the data order and every random draw are functions of ``(seed, step)`` only.
 Before each step the global RNG is reseeded from ``(seed, step)`` (identically on every rank),
-and :class:`StepContext` draws task randomness for the *whole global batch* and hands each
-rank its own rows. Resuming from a checkpoint therefore replays the exact same steps, and a
+and :class:`StepContext` draws task randomness per global row, on the device, from generators
+keyed by (seed, step, draw, row): each rank draws only its own rows. Resuming from a checkpoint therefore replays the exact same steps, and a
 run on W processes sees the same numbers as one process with the same global batch.
 """
 

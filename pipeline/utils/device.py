@@ -14,6 +14,13 @@ def pick_device(local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def module_device(model: object) -> torch.device:
+    """Where ``model``'s parameters live (the CPU for a stand-in without parameters)."""
+    params = getattr(model, "parameters", None)
+    first = next(iter(params()), None) if callable(params) else None
+    return first.device if first is not None else torch.device("cpu")
+
+
 @functools.cache
 def cpu_has_native_bf16() -> bool:
     """True when oneDNN runs bf16 natively on this CPU (AVX512-BF16 or AMX).
