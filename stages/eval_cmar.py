@@ -12,11 +12,16 @@ generator under this tokenizer) and real val tokens shuffled across images and p
 Each row: the judge's accuracy on the conditioning class (Wilson 95% interval), Fréchet
 distance of judge features to the reference half of val (bootstrap interval), precision,
 recall and neighbour colour correlation (bootstrap interval): :mod:`pipeline.metrics.generation`.
-With ``cmar.sample.inception_weights`` the CMAR headline row also gets FID/IS.
+With ``cmar.sample.inception_weights`` every row and control also gets FID/IS (Tab. 2: CMAR,
+MAR, MAR+C). ``cmar.sample.samples_per_class`` sets the sample count (the paper's FID: 50).
+
+Rows are generated, decoded and measured a batch at a time (:func:`pipeline.tasks.cmar_eval.measure`):
+memory holds features and a few pictures per class, never a row's images.
 
 Writes ``data/reports/cmar.json`` (every row, the params, the models' training configs),
-``data/metrics/cmar.json`` (flat headline), ``data/cmar_samples/<row>/grid.png`` and the
-labelled figure ``data/plots/cmar_samples.png`` (real images beside samples, per class).
+``data/metrics/cmar.json`` (flat headline), ``data/cmar_samples/<row>/grid.png`` (the first
+classes' pictures) and the labelled figure ``data/plots/cmar_samples.png`` (real images beside
+samples, per class).
 """
 
 from __future__ import annotations
@@ -26,23 +31,25 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from pipeline.config import Params, params_dict
-from pipeline.paths import outputs
 from pipeline.data.imageset import ImageSet
 from pipeline.latents.store import LatentStore
+from pipeline.metrics.generation import score_features, shuffle_tokens
+from pipeline.models.inception import load_fid_inception
 from pipeline.orders.shards import CollapseOrders
+from pipeline.paths import outputs
 from pipeline.tasks.cmar import CMAR_VARIANTS, load_cmar, variant_config
-from pipeline.tasks.cmar_eval import (COMPARISONS, check_eval_inputs, format_rows, headline,
-                                      inception_metrics, plot_samples, sample_row, split_val)
+from pipeline.tasks.cmar_eval import (COMPARISONS, PICTURE_PER_CLASS, InceptionReference, Measured,
+                                      check_eval_inputs, decoded_batches, format_rows, headline,
+                                      in_batches, inception_metrics, inception_reference, measure,
+                                      plot_samples, sample_batches, sampling_dtype,
+                                      split_val)
 from pipeline.tasks.judge import judge_outputs, load_judge
-from pipeline.metrics.generation import score_images, shuffle_tokens
-from pipeline.tokenizers import decode_to_images, latents_tokenizer
+from pipeline.tokenizers import latents_tokenizer
 from pipeline.utils.device import pick_device
 from pipeline.utils.images import image_grid, safe_name, save_png
 from pipeline.utils.io import atomic_write_json
-
 
 def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
     data_dir = Path(data_dir)
@@ -60,60 +67,63 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
         check_eval_inputs(sample, models[v].to(dev), classes, orders)
     judge, _ = load_judge(data_dir / "judge")
     judge.to(dev)
+    inception = load_fid_inception(sample.inception_weights, dev) if sample.inception_weights else None
     tokenizer = latents_tokenizer(params.tokenizer, data_dir / "latents", dev)
     val = ImageSet(data_dir / "images" / "val")
-    grid = store.grid
-    n_per_row = len(classes) * sample.samples_per_class
+    grid, batch = store.grid, sample.eval_batch_size
     ref_rows, ctl_rows = split_val(np.asarray(val.labels), len(classes), sample.samples_per_class)
-    ref_feats = judge_outputs(judge, np.stack([val.image(int(i)) for i in ref_rows]))[0]
+    ref_feats = judge_outputs(judge, np.concatenate(list(in_batches(val, ref_rows, batch))))[0]
 
-    def score(images: np.ndarray, labels: np.ndarray, seed: int) -> dict[str, Any]:
-        feats, logits = judge_outputs(judge, images)
-        return score_images(images, labels, feats, logits, ref_feats, grid, seed=seed)
+    def measured(batches, labels) -> Measured:
+        return measure(batches, labels, judge, inception, grid, batch)
 
     # Controls: the same val images (the half not used as the reference), three ways.
     ctl_labels = np.asarray(val.labels)[ctl_rows]
-    real = np.stack([val.image(int(i)) for i in ctl_rows])
-    tokens = val_store.tokens(ctl_rows)  # scaled posterior means [n, D, h, w]
-    shuffled = torch.from_numpy(shuffle_tokens(np.asarray(tokens), np.random.default_rng(params.seed)))
-    controls = {
-        "real val images": real,
-        "real val latents, decoded": decode_to_images(tokenizer, torch.as_tensor(tokens), store.scale_factor,
-                                                      sample.eval_batch_size, dev),
-        "real val tokens, shuffled": decode_to_images(tokenizer, shuffled, store.scale_factor,
-                                                      sample.eval_batch_size, dev),
+    shuffled = shuffle_tokens(np.asarray(val_store.tokens(ctl_rows)), np.random.default_rng(params.seed))
+    blocks = {
+        "real val images": measured(in_batches(val, ctl_rows, batch), ctl_labels),
+        "real val latents, decoded": measured(
+            decoded_batches(tokenizer, val_store.tokens, ctl_rows, store.scale_factor, batch, dev), ctl_labels),
+        "real val tokens, shuffled": measured(
+            decoded_batches(tokenizer, lambda r: shuffled[r], np.arange(len(shuffled)), store.scale_factor,
+                            batch, dev), ctl_labels),
     }
+    ref = inception_reference(sample, inception, blocks["real val images"]) if inception is not None else None
     rows: dict[str, dict[str, Any]] = {}
-    for j, (name, images) in enumerate(controls.items()):
-        rows[name] = {"kind": "control", **score(images, ctl_labels, params.seed + j)}
+    for j, (name, m) in enumerate(blocks.items()):
+        rows[name] = {"kind": "control", **score(m, ref_feats, ref, params.seed + j)}
 
-    samples: dict[str, np.ndarray] = {}
     labels = np.repeat(np.arange(len(classes)), sample.samples_per_class)
     for j, (name, variant, order) in enumerate(COMPARISONS):
         t0 = time.perf_counter()
-        images = sample_row(models[variant], sample, trained[variant]["cmar"]["direction"], order, labels,
-                            orders, tokenizer, store.scale_factor, params.seed, dev)
+        m = measured(sample_batches(models[variant], sample, trained[variant]["cmar"]["direction"], order,
+                                    labels, orders, tokenizer, store.scale_factor, params.seed, dev), labels)
         seconds = time.perf_counter() - t0
-        samples[name] = images
+        blocks[name] = m
         rows[name] = {"kind": "samples", "model": variant, "sample_order": order,
-                      **score(images, labels, params.seed + 10 + j),
-                      "sampling_s_per_image": round(seconds / max(len(images), 1), 5)}
-        save_png(out.samples / safe_name(name) / "grid.png",
-                 image_grid(images, sample.samples_per_class))
-        print(f"[eval_cmar] {name}: {len(images)} samples in {seconds:.0f} s", flush=True)
+                      **score(m, ref_feats, ref, params.seed + 10 + j),
+                      "sampling_s_per_image": round(seconds / max(len(labels), 1), 5)}
+        save_png(out.samples / safe_name(name) / "grid.png", image_grid(m.pictures, PICTURE_PER_CLASS))
+        print(f"[eval_cmar] {name}: {len(labels)} samples in {seconds:.0f} s", flush=True)
 
     head = next(n for n, v, o in COMPARISONS if v == "cmar" and o == sample.sample_order)
-    rows[head].update(inception_metrics(sample, samples[head], real, dev))
-    plot_samples(out.figure, real, ctl_labels, samples, labels, classes,
-                 per_class=min(4, sample.samples_per_class))
+    plot_samples(out.figure, blocks, classes, per_class=min(4, sample.samples_per_class))
     report = {"rows": rows, "headline_row": head, "chance": 1 / len(classes),
-              "reference_images": len(ref_rows), "samples_per_row": n_per_row,
+              "reference_images": len(ref_rows), "control_images": len(ctl_rows),
+              "samples_per_row": len(labels), "sampling_dtype": str(sampling_dtype(dev)).removeprefix("torch."),
+              "inception_reference": None if ref is None else (
+                  str(sample.reference_batch) if sample.reference_batch else "real val images"),
               "feature_space": "judge CNN pooled features (data/judge); fd is not an FID",
               "params": {"sample": params_dict(sample)}, "models": trained, "classes": classes}
     atomic_write_json(out.report, report)
     atomic_write_json(out.metrics, headline(rows, head))
     print(format_rows(rows, 1 / len(classes)), flush=True)
     return report
+
+
+def score(m: Measured, ref_feats: np.ndarray, ref: InceptionReference | None, seed: int) -> dict[str, Any]:
+    return {**score_features(m.labels, m.feats, m.logits, m.means, ref_feats, seed=seed),
+            **inception_metrics(m, ref)}
 
 
 if __name__ == "__main__":

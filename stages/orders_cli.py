@@ -26,6 +26,17 @@ def orders_fetch(
     fetch_orders(source, dest, log=typer.echo)
 
 
+@orders_app.command("publish")
+def orders_publish(
+    src: Annotated[Path, typer.Argument(help="a finished shard set, e.g. data/orders/train")],
+    dest: Annotated[Path, typer.Argument(help="folder to serve over HTTP or upload")],
+) -> None:
+    """Copy a shard set for others to fetch, verifying every file and shard on the way."""
+    from pipeline.orders.fetch import publish_orders
+
+    publish_orders(src, dest, log=typer.echo)
+
+
 @orders_app.command("compute")
 def orders_compute(
     images: Annotated[str, typer.Argument(help="folder of images (any layout; sub-folders become classes) "

@@ -175,6 +175,15 @@ def test_flat_val_with_label_files(tmp_path: Path):
     prepare_images(params(source="imagefolder", root=str(root)), tmp_path / "o2")
     val = ImageSet(tmp_path / "o2" / "val")
     assert val.keys == ["ILSVRC_val_1", "ILSVRC_val_3"] and val.labels.tolist() == [1, 0]
+    # the localisation boxes become object masks, cropped as the image: ILSVRC_val_1 is 40x30
+    # with a box over x, y in 0..9; resized by 16/30 to 21x16 and cropped 2 px from the left,
+    # the box covers rows 0..5.3 and columns 0..3.3 (thresholded at half: 5 x 3 pixels)
+    assert val.has_masks
+    mask = val.mask(0)
+    assert mask.shape == (CROP, CROP) and mask[:5, :3].all() and not mask[6:].any() and not mask[:, 4:].any()
+    (root / "val_labels.txt").write_text("ILSVRC_val_1.JPEG 490\n")  # a devkit ILSVRC2012_ID
+    with pytest.raises(ValueError, match="devkit"):
+        prepare_images(params(source="imagefolder", root=str(root)), tmp_path / "o3")
 
 
 # ----------------------------------------------------------------------------- webdataset

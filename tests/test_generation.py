@@ -58,8 +58,37 @@ def test_split_val_keeps_reference_and_controls_apart():
     labels = np.repeat(np.arange(3), 6)
     ref, ctl = split_val(labels, 3, 3)
     assert not set(ref) & set(ctl) and len(ctl) == 9 and np.bincount(labels[ctl]).tolist() == [3, 3, 3]
-    with pytest.raises(ValueError, match="2 x cmar.sample.samples_per_class"):
-        split_val(labels, 3, 4)
+    # ImageNet: 50 val images a class and 50 samples a class -> the controls get the 25 left
+    ref, ctl = split_val(np.repeat(np.arange(3), 50), 3, 50)
+    assert len(ref) == 75 and len(ctl) == 75 and not set(ref) & set(ctl)
+    with pytest.raises(ValueError, match="class 2 has 1 val image"):
+        split_val(np.array([0, 0, 1, 1, 2]), 3, 1)
+
+
+def test_measure_streams_batches_and_keeps_few_pictures():
+    """A row measured a batch at a time equals the whole set measured at once; it keeps
+    features and patch means, and pictures of the first classes only."""
+    from pipeline.metrics.generation import patch_means
+    from pipeline.models.judge import ConvJudge, JudgeArch
+    from pipeline.tasks.cmar_eval import PICTURE_CLASSES, PICTURE_PER_CLASS, measure
+    from pipeline.tasks.judge import judge_outputs
+
+    torch.manual_seed(0)
+    judge = ConvJudge(JudgeArch(num_classes=PICTURE_CLASSES + 2, width=4)).eval()
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(PICTURE_CLASSES + 2), PICTURE_PER_CLASS + 1)
+    images = rng.integers(0, 256, (len(labels), 16, 16, 3), dtype=np.uint8)
+    batches = (images[s:s + 7] for s in range(0, len(images), 7))
+    m = measure(batches, labels, judge, None, grid=4, batch=7)
+    feats, logits = judge_outputs(judge, images)
+    # the same network on batches of 7 vs 256: blocking reorders fp32 sums (~1e-6)
+    np.testing.assert_allclose(m.feats, feats, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(m.logits, logits, rtol=1e-4, atol=1e-5)
+    assert np.array_equal(m.means, patch_means(images, 4)) and m.pool is None
+    assert len(m.pictures) == PICTURE_CLASSES * PICTURE_PER_CLASS
+    assert np.bincount(m.picture_labels).tolist() == [PICTURE_PER_CLASS] * PICTURE_CLASSES
+    with pytest.raises(RuntimeError, match="measured"):
+        measure(iter([images[:5]]), labels, judge, None, grid=4, batch=7)
 
 
 def test_headline_is_flat_and_names_the_rows():
@@ -68,6 +97,11 @@ def test_headline_is_flat_and_names_the_rows():
     h = headline(rows, "CMAR, class order")
     assert h["judge_acc_CMAR"] == 0.5 and h["fd_MAR"] == 1.0 and h["neighbour_corr_real"] == 0.7
     assert not any(isinstance(v, (dict, list)) for v in h.values())
+    full = {**rows, "MAR, class order (MAR+C)": row, "real val latents, decoded": row,
+            "real val tokens, shuffled": row}
+    full = {k: {**v, "fid": 9.0} for k, v in full.items()}
+    h = headline(full, "CMAR, class order")
+    assert {"fid_CMAR", "fid_MAR", "fid_MARC"} <= set(h) and len(h) <= 14
 
 
 def test_cmar_variants_differ_only_in_order_settings():

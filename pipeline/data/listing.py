@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import DataConfig
-from pipeline.data.sources import VAL_LABEL_FILES, walk_images, expand_urls
+from pipeline.data.sources import BOX_FILES, VAL_LABEL_FILES, expand_urls, walk_images
 from pipeline.utils.io import atomic_write_json, read_json, sha256_json
 
 FORMAT = "cop-source-listing/1"
@@ -101,7 +101,7 @@ def source_listing(cfg: DataConfig) -> dict[str, Any]:
                                     "(expected ROOT/train/<class>/<file>)")
         listing["root"] = str(root)
         listing["splits"] = {s: _folder_split(root / s) for s in SPLITS}
-        listing["label_files"] = {n: list(_stat(root / n)) for n in VAL_LABEL_FILES
+        listing["label_files"] = {n: list(_stat(root / n)) for n in dict.fromkeys(VAL_LABEL_FILES + BOX_FILES)
                                   if (root / n).exists()}
     elif cfg.source == "webdataset":
         listing["splits"] = {"train": _shards_split(cfg.train_urls),

@@ -37,6 +37,11 @@ IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".jfif", ".png", ".webp", ".bmp", ".gif
                         ".ppm", ".pgm", ".pbm"})
 WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 VAL_LABEL_FILES = ("val_labels.txt", "LOC_val_solution.csv")
+# ImageNet's localisation boxes (Kaggle's files), ``ROOT/LOC_<split>_solution.csv``: when present,
+# every listed image gets an object mask (its boxes, cropped as the image) for the order report.
+BOX_FILES = ("LOC_train_solution.csv", "LOC_val_solution.csv")
+
+Box = tuple[int, int, int, int]  # x_min, y_min, x_max, y_max in the original image's pixels
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,7 @@ class Entry:
     key: str
     label: int
     ref: str
+    boxes: tuple[Box, ...] | None = None  # object boxes when the source has them
 
 
 @dataclass
@@ -139,6 +145,24 @@ def _read_val_labels(root: Path) -> dict[str, str]:
                             f"{txt.name} nor {csv_path.name} exists in {root}")
 
 
+def read_boxes(root: str | Path, split: str) -> dict[str, tuple[Box, ...]] | None:
+    """stem -> boxes from ``ROOT/LOC_<split>_solution.csv`` (``ImageId,PredictionString`` with
+    the string ``wnid x_min y_min x_max y_max`` repeated), or None without that file."""
+    path = Path(root) / f"LOC_{split}_solution.csv"
+    if not path.exists():
+        return None
+    out: dict[str, tuple[Box, ...]] = {}
+    with open(path, newline="") as fh:
+        for n, row in enumerate(csv.DictReader(fh), 2):
+            words = row["PredictionString"].split()
+            if len(words) % 5:
+                raise ValueError(f"{path}:{n}: expected 'wnid x_min y_min x_max y_max' groups, got "
+                                 f"{row['PredictionString']!r}")
+            out[Path(row["ImageId"]).stem] = tuple(
+                tuple(int(float(v)) for v in words[i + 1:i + 5]) for i in range(0, len(words), 5))  # type: ignore[misc]
+    return out
+
+
 def imagefolder_plan(root: str | Path, split: str, classes: list[str]) -> Plan:
     root = Path(root)
     split_dir = root / split
@@ -161,7 +185,12 @@ def imagefolder_plan(root: str | Path, split: str, classes: list[str]) -> Plan:
                 skipped.append(skip(ref, "missing_label", f"no entry for {Path(rel).stem} in the val label file"))
                 continue
             label = class_index.get(name)
-            if label is None and name.isdigit() and int(name) < len(classes):
+            if label is None and name.isdigit():
+                if int(name) >= len(classes):
+                    raise ValueError(
+                        f"val label {name} of {Path(rel).stem} is no index of the {len(classes)} classes: "
+                        "indices are positions in the sorted class folder list, counted from 0 (the "
+                        "devkit's ILSVRC2012_ID is counted from 1 and in another order; write wnids)")
                 label = int(name)
         else:
             if "/" not in rel:
@@ -174,8 +203,13 @@ def imagefolder_plan(root: str | Path, split: str, classes: list[str]) -> Plan:
             continue
         raw.append((key, label, ref, rel))
     entries, dups = _dedupe(raw)
+    boxes = read_boxes(root, split)
+    if boxes is not None:
+        entries = [Entry(e.key, e.label, e.ref, boxes.get(Path(e.ref).stem)) for e in entries]
     identity = {"kind": "imagefolder", "root": str(root), "split": split, "layout": "flat" if flat else "classes",
-                "files": len(rels), "listing_sha256": _listing_sha(split_dir, rels)}
+                "files": len(rels), "listing_sha256": _listing_sha(split_dir, rels),
+                "boxes": None if boxes is None else {"file": f"LOC_{split}_solution.csv",
+                                                     "images": sum(e.boxes is not None for e in entries)}}
     return Plan(entries, skipped + dups, identity)
 
 

@@ -82,7 +82,20 @@ class FileLoader:
     enc: Encoding
 
     def record(self, e: Entry) -> Record:
-        return self.enc.record_from_bytes(e.key, e.label, read_bytes(e.ref))
+        if e.boxes is None:
+            return self.enc.record_from_bytes(e.key, e.label, read_bytes(e.ref))
+        img = decode_rgb(read_bytes(e.ref), self.enc.min_size)
+        return self.enc.record(e.key, e.label, img, boxes_mask(img.size, e.boxes))
+
+
+def boxes_mask(size: tuple[int, int], boxes: tuple[tuple[int, int, int, int], ...]) -> np.ndarray:
+    """bool [H, W] of an image of ``size`` (W, H): True inside any box (inclusive corners,
+    as ImageNet's annotations), clipped to the image."""
+    w, h = size
+    mask = np.zeros((h, w), dtype=bool)
+    for x0, y0, x1, y1 in boxes:
+        mask[max(0, y0):min(h, y1 + 1), max(0, x0):min(w, x1 + 1)] = True
+    return mask
 
 
 @dataclass(frozen=True)

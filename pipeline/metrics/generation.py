@@ -69,14 +69,20 @@ def score_images(images: np.ndarray, labels: np.ndarray, feats: np.ndarray, logi
                  ref_feats: np.ndarray, grid: int, boots: int = 200, seed: int = 0) -> dict[str, Any]:
     """Every figure of one row (see the module doc). ``feats``/``logits``: the judge's
     outputs on ``images`` [n, H, W, 3]; ``ref_feats``: its features of the reference set."""
-    n = len(images)
+    return score_features(labels, feats, logits, patch_means(images, grid), ref_feats, boots, seed)
+
+
+def score_features(labels: np.ndarray, feats: np.ndarray, logits: np.ndarray, means: np.ndarray,
+                   ref_feats: np.ndarray, boots: int = 200, seed: int = 0) -> dict[str, Any]:
+    """:func:`score_images` from what a streamed row keeps of its images: the judge's outputs
+    and the patch means [n, grid, grid, 3] (:func:`patch_means`)."""
+    n = len(feats)
     if n < 2:
         raise ValueError("need at least two images to score")
     hits = int((logits.argmax(1) == np.asarray(labels)).sum())
     mu_r, s_r = feature_stats(ref_feats)
     fd = frechet_distance(mu_r, s_r, *feature_stats(feats))
     precision, recall = precision_recall(ref_feats, feats, k=3)
-    means = patch_means(images, grid)
     rng = np.random.default_rng(seed)
     fd_b, nc_b = [], []
     for _ in range(boots):
@@ -101,4 +107,5 @@ def shuffle_tokens(grids: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.moveaxis(flat.reshape(n, h, w, D), -1, 1).copy()
 
 
-__all__ = ["neighbour_correlation", "patch_means", "score_images", "shuffle_tokens", "wilson"]
+__all__ = ["neighbour_correlation", "patch_means", "score_features", "score_images", "shuffle_tokens",
+           "wilson"]

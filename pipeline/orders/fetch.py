@@ -14,7 +14,12 @@ never holds an unverified shard; files already in ``dest`` with the right hash a
 shapes) as the reader does, and only then is the manifest written: a failed fetch leaves a
 folder without one, which no reader opens as a finished set.
 
-With DVC, the same set can be taken from a repository that tracks it::
+The maker's side, :func:`publish_orders`: the same verified copy into a folder to serve over
+HTTP (or upload), then ``cop orders fetch <url>/manifest.json`` on the user's side.
+
+With DVC, the same set can be taken from a repository that tracks it (the maker runs
+``dvc remote add -d published <remote>``, ``dvc push data/orders`` and commits ``dvc.lock`` and
+``.dvc/config``)::
 
     dvc get    https://github.com/<org>/<repo> data/orders/train -o data/orders-fetched/train
     dvc import https://github.com/<org>/<repo> data/orders/train -o data/orders-fetched/train
@@ -199,3 +204,19 @@ def fetch_orders(source: str | Path, dest: str | Path,
             "dtypes and shapes as the manifest says, no unexpected tar members")
         log(f"wrote {dest / MANIFEST} last: the set is complete")
     return dest
+
+
+def publish_orders(src: str | Path, dest: str | Path,
+                   log: Callable[[str], None] | None = None) -> Path:
+    """Copy the finished shard set ``src`` into ``dest`` for others to fetch: every file is
+    checked against the manifest and every shard parsed on the way (:func:`fetch_orders` from a
+    folder), so a published folder is exactly what a user's fetch will accept."""
+    src = Path(src)
+    if not (src / MANIFEST).is_file():
+        raise FileNotFoundError(f"{src} holds no {MANIFEST}: not a finished collapse-order set")
+    out = fetch_orders(src, dest, log=log)
+    if log:
+        log(f"published {src} -> {out}; serve that folder over HTTP (or upload it) and give out "
+            f"its manifest URL: cop orders fetch https://<host>/<path>/{MANIFEST}")
+    return out
+

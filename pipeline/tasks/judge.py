@@ -9,7 +9,7 @@ tokenizer, not the generator (the patch stand-in drops the fine texture that tel
 classes apart: a judge trained on raw pixels alone recognises only ~35% of decoded real
 val latents, docs/downstream.md).
 
-Everything random is drawn from the trainer's ``StepContext`` for the whole global batch,
+Everything random is drawn from the trainer's ``StepContext`` per global row,
 so 1 and N processes train the same model.
 """
 
@@ -67,7 +67,8 @@ class JudgeTask(TrainTask):
         x = images_to_input(batch["image"])  # [b, 3, H, W]
         rt = ctx.rand() < self.roundtrip  # [b]; drawn even at 0 so streams do not shift
         if self.roundtrip > 0 and bool(rt.any()):
-            x = torch.where(rt[:, None, None, None], roundtrip_images(self.tokenizer, x), x)
+            x = x.clone()
+            x[rt] = roundtrip_images(self.tokenizer, x[rt])  # only the rows drawn for it
         logits = model(augment(x, ctx, self.max_shift))
         loss = F.cross_entropy(logits.float(), batch["label"])
         acc = (logits.argmax(1) == batch["label"]).float().mean()
