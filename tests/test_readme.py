@@ -36,9 +36,11 @@ SETUP_COMMANDS = ("bash scripts/repro.sh", "bash scripts/test.sh")
 
 # phrase of a block -> why it does not run here
 CANNOT_RUN = {
-    "torchrun --nproc-per-node": "the full profile: ImageNet, the KL-16 weights and GPUs (the "
-                                 "torchrun code path runs with 2 gloo processes in test_comae, "
-                                 "test_latents_dist and test_orders_export)",
+    "torchrun --nproc-per-node": "the full profile: ImageNet, the KL-16 weights and GPUs (this "
+                                 "route runs at miniature size with 2 gloo processes in "
+                                 "test_full_profile)",
+    "cop orders publish data/orders/train": "a placeholder web folder and DVC remote (both routes "
+                                            "run in test_orders_reuse)",
     "cop orders fetch https://example.org": "placeholder addresses of a published set, and the "
                                             "network (fetch itself runs against a loopback "
                                             "server in test_orders_fetch)",
