@@ -6,6 +6,7 @@ import io
 import os
 import socket
 import tarfile
+from pathlib import Path
 
 
 def free_port() -> int:
@@ -23,6 +24,23 @@ def as_rank(rank: int, world: int, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank), COP_NO_PROGRESS="1")
     torch.set_num_threads(1)
+
+
+def scratch_repo(root: Path) -> Path:
+    """A copy of what the DVC pipeline needs (code, dvc.yaml, .dvc config) in ``root``, with an
+    empty data/: the user's checkout, for tests that run `dvc repro` without touching this one."""
+    import shutil
+
+    repo, root = Path(__file__).resolve().parents[1], Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for item in ("pipeline", "stages", "dvc.yaml", ".dvcignore", ".dvc"):
+        src = repo / item
+        if src.is_dir():
+            shutil.copytree(src, root / item, ignore=shutil.ignore_patterns("__pycache__", "tmp"))
+        else:
+            shutil.copy2(src, root / item)
+    (root / "data").mkdir(exist_ok=True)
+    return root
 
 
 def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:

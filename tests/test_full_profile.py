@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ import pytest
 import yaml
 
 from tests import published
-from tests.support import free_port
+from tests.support import free_port, scratch_repo
 
 REPO = Path(__file__).resolve().parents[1]
 FULL = yaml.safe_load((REPO / "profiles" / "full.yaml").read_text())
@@ -90,15 +89,7 @@ def _run(args: list[str], cwd: Path, env: dict[str, str], timeout: int = 900) ->
 
 @pytest.mark.slow
 def test_full_profile_in_miniature(tmp_path):
-    root = tmp_path / "repo"
-    root.mkdir()
-    for item in ("pipeline", "stages", "dvc.yaml", ".dvcignore", ".dvc"):
-        src = REPO / item
-        if src.is_dir():
-            shutil.copytree(src, root / item, ignore=shutil.ignore_patterns("__pycache__", "tmp"))
-        else:
-            shutil.copy2(src, root / item)
-    (root / "data").mkdir()
+    root = scratch_repo(tmp_path / "repo")
     params = _merge(FULL, OVERRIDES)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 

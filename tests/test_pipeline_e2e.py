@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.support import expand_items
+from tests.support import expand_items, scratch_repo
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,14 +35,7 @@ def _run(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Complete
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> tuple[Path, dict[str, str]]:
-    root = tmp_path_factory.mktemp("repo")
-    for item in ("pipeline", "stages", "dvc.yaml", ".dvcignore", ".dvc"):
-        src = REPO / item
-        if src.is_dir():
-            shutil.copytree(src, root / item, ignore=shutil.ignore_patterns("__pycache__", "tmp"))
-        else:
-            shutil.copy2(src, root / item)
-    (root / "data").mkdir()
+    root = scratch_repo(tmp_path_factory.mktemp("repo"))
     # The smoke profile writes out every key dvc.yaml tracks, as DVC needs.
     shutil.copy2(REPO / "profiles" / "smoke.yaml", root / "params.yaml")
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "COP_NO_PROGRESS": "1",

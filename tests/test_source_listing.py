@@ -20,6 +20,7 @@ from PIL import Image
 from pipeline.config import parse_params
 from pipeline.data.build import prepare_images, summary
 from pipeline.data.listing import source_listing
+from tests.support import scratch_repo
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -120,14 +121,7 @@ def _run(args: list[str], cwd: Path, env: dict[str, str]) -> str:
 def test_dvc_reruns_prepare_when_an_image_is_added(tmp_path: Path) -> None:
     """The user's path: `dvc repro`, add a photo to data.root, `dvc repro` again."""
     photos = image_folder(tmp_path / "photos")
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    for item in ("pipeline", "stages", "dvc.yaml", ".dvcignore", ".dvc"):
-        src = REPO / item
-        if src.is_dir():
-            shutil.copytree(src, repo / item, ignore=shutil.ignore_patterns("__pycache__", "tmp"))
-        else:
-            shutil.copy2(src, repo / item)
+    repo = scratch_repo(tmp_path / "repo")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"] = {"source": "imagefolder", "root": str(photos), "crop_size": 16}
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
