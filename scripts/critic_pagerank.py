@@ -1,10 +1,10 @@
 """Is it CoMAE's estimator or the PageRank idea? Orders from a dependency graph the builder
-critic estimates, ranked by PageRank exactly as CoMAE's, scored by the scorer critic.
+critic estimates (``orders.estimator: critic``, :mod:`pipeline.orders.estimators`), ranked by
+PageRank exactly as CoMAE's, scored by the scorer critic, and read out other ways.
 
 ``A[i, j]`` = how much revealing patch j lowers the builder's NLL of hidden patch i, averaged
-over random reveal sets R (shares ``--shares`` of the tokens; i, j not in R):
-``NLL_i(R) - NLL_i(R + {j})``, clipped at 0 (N + 1 builder passes per set and image). Then
-PageRank (damping 0.85) as the export does, in-degree (column sums: how much j helps the
+over random reveal sets (shares ``--shares`` of the tokens). Then PageRank (damping 0.85) as
+the export does, in-degree (column sums: how much j helps the
 others) and out-degree. Scored like ``score_orders`` (area under the scorer's collapse curve;
 paired 95% bootstrap interval vs random over images), beside random, PSS (token L1) and
 CoMAE's exported order. Reads a finished run's ``data/`` (critics, val latents and orders).
@@ -21,31 +21,13 @@ import numpy as np
 import torch
 
 from pipeline.latents.store import LatentStore
-from pipeline.metrics.collapse import collapse_curves, curve_area, positions_first, reveal_grid
+from pipeline.metrics.collapse import collapse_curves, curve_area, reveal_grid
 from pipeline.orders import baselines
 from pipeline.orders.pagerank import collapse_order, pagerank_torch
 from pipeline.orders.report import report_keys
 from pipeline.orders.shards import CollapseOrders
 from pipeline.tasks.critic import load_critic
 from pipeline.tasks.order_scores import nll_fn
-
-
-@torch.no_grad()
-def critic_dependencies(nll, tokens: torch.Tensor, shares: list[float], seed: int) -> torch.Tensor:
-    """float64 [M, N, N]: A[m, i, j] = mean over reveal sets of how much j lowers i's NLL."""
-    M, N, _ = tokens.shape
-    gen = torch.Generator().manual_seed(seed)
-    A = torch.zeros(M, N, N, dtype=torch.float64)
-    for share in shares:
-        R = positions_first(torch.rand(M, N, generator=gen).argsort(1), max(1, round(share * N)))
-        base = nll(tokens, R).double()  # [M, N]
-        for j in range(N):
-            Rj = R.clone()
-            Rj[:, j] = True
-            gain = (base - nll(tokens, Rj).double()).clamp_min(0)  # [M, N]
-            A[:, :, j] += gain * (~Rj).double() * (~R[:, j]).double()[:, None]
-    A.diagonal(dim1=1, dim2=2).zero_()
-    return A / len(shares)
 
 
 def spread(first: np.ndarray, grid: int) -> float:
@@ -73,7 +55,8 @@ def main() -> None:
     builder, _ = load_critic(f"{args.data}/critic/builder", "cpu")
 
     t = time.perf_counter()
-    A = critic_dependencies(nll_fn(builder), tokens, args.shares, args.seed)
+    A = torch.cat([CriticGraph(builder, args.shares, args.seed).dependency_matrices(t, chunk=4096)
+                   for t in tokens.split(16)]).double()
     secs = (time.perf_counter() - t) / M
     pr = pagerank_torch(A + 1e-9, damping=0.85).numpy()  # + eps: no all-zero (dangling) rows
     cands = {

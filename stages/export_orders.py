@@ -1,6 +1,7 @@
-"""Stage ``export_orders``: CoMAE dependency matrices → PageRank → collapse-order shards.
+"""Stage ``export_orders``: dependency matrices → PageRank → collapse-order shards.
 
-Reads ``data/comae/`` and ``data/latents/{train,val}.zarr``; writes ``data/orders/{train,val}/``
+The matrices come from ``orders.estimator``: CoMAE (``data/comae/``, the paper) or the builder
+critic (``data/critic/builder/``, :mod:`pipeline.orders.estimators`). Reads ``data/latents/{train,val}.zarr``; writes ``data/orders/{train,val}/``
 (shards + manifest; class orders from train); the collapse order beside its baselines
 (:mod:`pipeline.orders.report`) as headline figures in ``data/metrics/orders.json`` and in
 full in ``data/reports/orders.json``; and a few Fig. 4/5 PNGs into ``data/plots/orders/``. torchrun-able: ranks write disjoint shards; rank 0 finishes.
@@ -15,22 +16,17 @@ from pipeline.config import Params, params_dict
 from pipeline.paths import outputs
 from pipeline.data.imageset import ImageSet
 from pipeline.latents.store import LatentStore
+from pipeline.tasks.estimators import load_estimator
 from pipeline.orders.export import SplitResult, export_split
 from pipeline.orders.report import format_table, mean_scores, order_report
 from pipeline.orders.shards import CollapseOrders
 from pipeline.orders.viz import show_orders
-from pipeline.tasks.comae import load_comae
 from pipeline.utils.device import pick_device
 from pipeline.utils.dist import cleanup, init_distributed
 from pipeline.utils.io import atomic_write_json
 
 SPLITS = ("train", "val")
 PLOT_IMAGES = 4
-
-
-def comae_identity(info: dict[str, Any]) -> dict[str, Any]:
-    """What made the matrices: the exact weights file (by sha256) and its config."""
-    return {"weights": info["weights"], "sha256": info["sha256"], "config": info["config"]}
 
 
 def _split_metrics(r: SplitResult) -> dict[str, Any]:
@@ -49,17 +45,16 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> None:
     try:
         device = pick_device(info.local_rank)
         # the trained model is the source of truth (its config is recorded in the manifest);
-        # DVC reruns train_comae before this stage when the comae params change
-        model, comae_info = load_comae(data_dir / "comae")
-        model = model.to(device).eval()
-        ident = comae_identity(comae_info)
+        # DVC reruns train_comae / train_critic before this stage when their params change
+        model, ident = load_estimator(cfg.estimator, data_dir, device, shares=cfg.critic_shares,
+                                      seed=params.seed)
         results: dict[str, SplitResult] = {}
         for split in SPLITS:
             store = LatentStore(data_dir / "latents" / f"{split}.zarr", in_memory=None)
             model.check_store(store)
             results[split] = export_split(store, model, ident, cfg, data_dir / "orders" / split,
                                           split, device=device, class_orders=split == "train",
-                                          info=info)
+                                          info=info, estimator=cfg.estimator)
         if info.is_main:
             _finish(data_dir, params, results)
     finally:

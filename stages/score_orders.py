@@ -4,7 +4,8 @@ Reveal an order's first k patches, and measure with the ``scorer`` critic (``dat
 the uncertainty of the patches still hidden: an order that collapses the image drives it down
 fast (:mod:`pipeline.tasks.order_scores` lists the orders). Reads the val collapse orders
 (``data/orders/val``; the train split's for the fixed order), the val latents and images, and
-CoMAE (``data/comae``, to time its orders). Writes the full record
+the exported orders' estimator (``data/comae``, or the builder critic with ``orders.estimator:
+critic``; to time them). Writes the full record
 ``data/reports/order_scores.json`` (curves, areas, values at 22% and 50% revealed, paired
 differences against random and the best cheap order, costs, object AUC, the builder critic's
 scores and the two critics' agreement), the mean curves ``data/plots/collapse_curves.csv`` and
@@ -26,11 +27,11 @@ from pipeline.latents.store import LatentStore
 from pipeline.metrics.collapse import reveal_grid
 from pipeline.metrics.objectness import compare, patch_labels
 from pipeline.orders.baselines import order_scores
+from pipeline.tasks.estimators import load_estimator
 from pipeline.orders.export import compute, to_sequences
 from pipeline.orders.report import mean_scores, report_keys
 from pipeline.orders.shards import CollapseOrders
 from pipeline.paths import outputs
-from pipeline.tasks.comae import load_comae
 from pipeline.tasks.critic import load_critic
 from pipeline.tasks.order_scores import (
     CRITIC_BUILT, agreement, build_orders, flops_of, format_table, plot_curves, score,
@@ -66,13 +67,14 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
         matrices=matrices, tokens=tokens, pixels=pixels,
         fixed=mean_scores(CollapseOrders(data_dir / "orders" / "train", verify=False)),
         builder=builder, greedy_images=cfg.greedy_images, seed=params.seed)
-    built["collapse"].update(_comae_cost(data_dir, tokens[:COMAE_TIMING_IMAGES], params, device))
+    built["collapse"].update(_export_cost(data_dir, tokens[:COMAE_TIMING_IMAGES], params, device))
     ks = reveal_grid(N, cfg.points)
-    raw, adjusted = score(built, tokens, scorer, ks, cfg.batch_size)
+    raw, adjusted, l1 = score(built, tokens, scorer, ks, cfg.batch_size)
     summary = summarise(raw, ks, N, cfg.bootstrap, params.seed)
     # each hidden token against its own blind NLL: what revealing told about it
     gain = summarise(adjusted, ks, N, cfg.bootstrap, params.seed)
-    second_raw, _ = score({n: o for n, o in built.items() if n not in CRITIC_BUILT}, tokens,
+    errors = summarise(l1, ks, N, cfg.bootstrap, params.seed)
+    second_raw, _, _ = score({n: o for n, o in built.items() if n not in CRITIC_BUILT}, tokens,
                           builder, ks, cfg.batch_size)
     second = summarise(second_raw, ks, N, cfg.bootstrap, params.seed)
     neither = [n for n in summary["area"] if n not in CRITIC_BUILT]
@@ -81,7 +83,7 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
     record = {"images": len(keys), "num_tokens": N, "ks": ks, "scorer": scorer_meta.get("task"),
               "builder": builder_meta.get("task"), "scorer_sha256": scorer_meta["sha256"],
               "builder_sha256": builder_meta["sha256"], "summary": summary,
-              "builder_scores": second, "adjusted": gain, "agreement": agreement(summary, second, neither),
+              "builder_scores": second, "adjusted": gain, "l1": errors, "agreement": agreement(summary, second, neither),
               "costs": costs, "object_auc": auc}
     atomic_write_json(out.report, record)
     write_csv(out.curve, [{"k": k, "revealed": k / N, **{n: c[j] for n, c in summary["curves"].items()}}
@@ -90,24 +92,27 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
                 f"collapse curves (raw), {len(keys)} val images, scorer critic",
                 greedy_images=summary.get("greedy_subset", {}).get("images", 0))
     print(format_table(summary, costs, auc, "scorer"), flush=True)
-    print(format_table(gain, costs, auc, "scorer", adjusted=True), flush=True)
+    print(format_table(gain, costs, auc, "scorer", measure="adjusted"), flush=True)
+    print(format_table(errors, costs, auc, "scorer", measure="l1"), flush=True)
     print(f"critic agreement (Spearman of the areas, scorer vs builder, {len(neither)} orders): "
           f"{record['agreement']['spearman']:.3f}", flush=True)
     atomic_write_json(out.metrics, _headline(summary, gain, record["agreement"]["spearman"]))
     return record
 
 
-def _comae_cost(data_dir: Path, tokens: torch.Tensor, params: Params, device: torch.device
-                ) -> dict[str, Any]:
-    """Seconds and FLOPs per image of CoMAE's orders (N selections + PageRank), measured."""
-    model, _ = load_comae(data_dir / "comae")
-    model = model.to(device).eval()
-    run = lambda: compute(model, tokens, params.orders, device, torch.float32)  # noqa: E731
+def _export_cost(data_dir: Path, tokens: torch.Tensor, params: Params, device: torch.device
+                 ) -> dict[str, Any]:
+    """Seconds and FLOPs per image of the exported orders (the estimator's N x N matrix +
+    PageRank), measured."""
+    cfg = params.orders
+    model, _ = load_estimator(cfg.estimator, data_dir, device, shares=cfg.critic_shares,
+                              seed=params.seed)
+    run = lambda: compute(model, tokens, cfg, device, torch.float32)  # noqa: E731
     run()  # warm-up
     t0 = time.perf_counter()
     run()
     secs = (time.perf_counter() - t0) / len(tokens)
-    return {"seconds": secs, "flops": flops_of(run) / len(tokens), "built_by": "comae"}
+    return {"seconds": secs, "flops": flops_of(run) / len(tokens), "built_by": cfg.estimator}
 
 
 def _object_auc(images: ImageSet, rows: list[int], built: dict[str, dict[str, Any]], N: int

@@ -3,7 +3,7 @@ them (the critics, the order scores)."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -65,6 +65,12 @@ class ComaeProbeConfig(Section):
 
 
 class OrdersConfig(Section):
+    estimator: Literal["comae", "critic"] = Field(
+        "comae", description="what fills the dependency matrix A: CoMAE's selections (paper) or "
+        "how much revealing j lowers the builder critic's NLL of i (pipeline/orders/estimators.py)")
+    critic_shares: list[Annotated[float, Field(gt=0, lt=1)]] = Field(
+        [0.1, 0.3, 0.5, 0.7], min_length=1, description="estimator critic: shares of the tokens "
+        "revealed in the random contexts A is averaged over (one set per share and image)")
     images_per_batch: int = Field(8, ge=1, description="images whose N targets run in one pass")
     precision: Precision = "auto"
     damping: float = Field(0.85, gt=0, lt=1)

@@ -47,18 +47,24 @@ def collapse_curves(nll: NllFn, tokens: Tensor, orders: Tensor, ks: list[int],
                     batch_size: int = 256) -> np.ndarray:
     """float64 [M, len(ks)]: per image and reveal count, the mean NLL of the hidden tokens.
 
-    tokens [M, N, D]; orders int [M, N] (position revealed first, second, ...)."""
+    tokens [M, N, D]; orders int [M, N] (position revealed first, second, ...). ``nll`` may
+    return C measures per token, [B, N, C]: then the result is [M, len(ks), C]."""
     M, N = orders.shape
     if tokens.shape[:2] != (M, N):
         raise ValueError(f"orders {tuple(orders.shape)} do not match tokens {tuple(tokens.shape)}")
-    out = np.empty((M, len(ks)), np.float64)
+    out: np.ndarray | None = None
     for s in range(0, M, batch_size):
         x, o = tokens[s:s + batch_size], orders[s:s + batch_size].to(tokens.device)
         for j, k in enumerate(ks):
             revealed = positions_first(o, k)
             per = nll(x, revealed)
             hidden = (~revealed).to(per.dtype)
+            if per.dim() == 3:
+                hidden = hidden[..., None]
+            if out is None:
+                out = np.empty((M, len(ks), *per.shape[2:]), np.float64)
             out[s:s + len(x), j] = ((per * hidden).sum(1) / hidden.sum(1)).double().cpu().numpy()
+    assert out is not None
     return out
 
 

@@ -79,6 +79,14 @@ class Critic(nn.Module):
         return token_nll(tokens, loc, log_scale, self.arch.likelihood)
 
 
+    def nll_and_l1(self, tokens: Tensor, revealed: Tensor) -> Tensor:
+        """[B, N, 2]: every token's NLL (nats per channel) and the L1 error of the predicted
+        location summed over channels (CoMAE's L_r units), from one pass."""
+        loc, log_scale = self(tokens, revealed)
+        nll = token_nll(tokens, loc, log_scale, self.arch.likelihood)
+        return torch.stack([nll, (tokens - loc).abs().sum(-1).to(nll.dtype)], dim=-1)
+
+
 def token_nll(x: Tensor, loc: Tensor, log_scale: Tensor, likelihood: str) -> Tensor:
     """Mean over channels of -log p(x) under a per-channel Gaussian (scale = std) or Laplace."""
     if likelihood == "gaussian":

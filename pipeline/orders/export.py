@@ -1,10 +1,13 @@
-"""Batched export of collapse orders: latents → CoMAE dependency matrices → PageRank → shards.
+"""Batched export of collapse orders: latents → dependency matrices → PageRank → shards.
+
+The matrices come from CoMAE (the paper) or another estimator (:mod:`pipeline.orders.estimators`);
+the set's identity names which, with the exact weights that made them.
 
 Work unit = one output shard (``samples_per_shard`` consecutive store rows). Batches never
 straddle a shard, so a row's numbers do not depend on the world size or on where a killed
 run stopped: 1 process, N ``torchrun`` ranks (unit u → rank u % world) and a resumed run give
 the same bytes. Resume skips shards that exist and validate. A fingerprint of (latents
-identity, CoMAE identity, params, device type) decides whether existing shards are reused or
+identity, estimator and its identity, params, device type) decides whether existing shards are reused or
 the folder is rebuilt; the manifest is written last, by rank 0, after a barrier.
 
 Per-shard side statistics (flip agreement, top-k agreement, timing) go to ``.work/`` so the
@@ -51,7 +54,7 @@ WORK = ".work"
 
 
 class DependencyModel(Protocol):
-    """What the export needs of CoMAE."""
+    """What the export needs of an estimator (CoMAE, :class:`~pipeline.orders.estimators.CriticGraph`)."""
 
     def dependency_matrices(self, tokens: torch.Tensor, chunk: int = ...,
                             dtype: torch.dtype = ...) -> torch.Tensor: ...
@@ -203,8 +206,8 @@ def shard_params(cfg: OrdersConfig) -> dict[str, Any]:
     return {k: v for k, v in params_dict(cfg).items() if k not in REPORT_ONLY}
 
 
-def export_fingerprint(store: Any, comae_identity: Any, cfg: OrdersConfig, device: torch.device,
-                       amp: torch.dtype) -> str:
+def export_fingerprint(store: Any, made_by: Any, cfg: OrdersConfig, device: torch.device,
+                       amp: torch.dtype, estimator: str = "comae") -> str:
     """Everything that decides the shard bytes; a change means rebuilding, not resuming.
 
     The thread count is not in it: the bytes do not depend on it (tests/test_orders_threads.py).
@@ -213,7 +216,7 @@ def export_fingerprint(store: Any, comae_identity: Any, cfg: OrdersConfig, devic
     """
     kernels = {"torch": torch.__version__,
                "cpu": torch.backends.cpu.get_cpu_capability() if device.type == "cpu" else None}
-    return sha256_json({"format": FORMAT, "latents": store.identity, "comae": comae_identity,
+    return sha256_json({"format": FORMAT, "latents": store.identity, estimator: made_by,
                         "params": shard_params(cfg), "device": device.type, "amp": str(amp),
                         "kernels": kernels})
 
@@ -237,17 +240,21 @@ def _reset(out: Path) -> None:
     shutil.rmtree(out / WORK, ignore_errors=True)
 
 
-def export_split(store: Any, model: DependencyModel, comae_identity: Any, cfg: OrdersConfig,
+def export_split(store: Any, model: DependencyModel, made_by: Any, cfg: OrdersConfig,
                  out: str | Path, split: str, device: torch.device | None = None,
-                 class_orders: bool = False, info: DistInfo | None = None) -> SplitResult:
-    """Export one split of the latent store into ``out`` (resumable, torchrun-aware)."""
+                 class_orders: bool = False, info: DistInfo | None = None,
+                 estimator: str = "comae") -> SplitResult:
+    """Export one split of the latent store into ``out`` (resumable, torchrun-aware).
+
+    ``made_by``: the identity of ``model`` (weights, config), recorded in the manifest under
+    the ``estimator``'s name."""
     out = Path(out)
     info = info or get_dist()
     device = device or torch.device("cpu")
     # 'auto': bf16 where the device runs it natively, else fp32 (emulated bf16 on an AVX2
     # CPU made a CoMAE pass ~3x slower here).
     amp = resolve_precision(cfg.precision, device)
-    fp = export_fingerprint(store, comae_identity, cfg, device, amp)
+    fp = export_fingerprint(store, made_by, cfg, device, amp, estimator)
     n, N = len(store), store.num_tokens
     units = -(-n // cfg.samples_per_shard)
     fields = fields_for(cfg)
@@ -285,7 +292,8 @@ def export_split(store: Any, model: DependencyModel, comae_identity: Any, cfg: O
 
     if info.is_main:
         class_meta = write_class_orders(out, store, cfg, fields, units) if class_orders else None
-        write_manifest(out, store, comae_identity, cfg, split, fp, fields, units, class_meta)
+        write_manifest(out, store, {"estimator": estimator, estimator: made_by}, cfg, split, fp,
+                       fields, units, class_meta)
     barrier()
     result.stats = collect_stats(out, units)
     return result
@@ -296,7 +304,7 @@ def _keys(store: Any, unit: int, cfg: OrdersConfig) -> list[str]:
     return list(store.keys[a:b])
 
 
-def write_manifest(out: Path, store: Any, comae_identity: Any, cfg: OrdersConfig, split: str,
+def write_manifest(out: Path, store: Any, made_by: dict[str, Any], cfg: OrdersConfig, split: str,
                    fp: str, fields: list[str], units: int, class_meta: dict | None) -> dict:
     shards = []
     for u in range(units):
@@ -321,7 +329,7 @@ def write_manifest(out: Path, store: Any, comae_identity: Any, cfg: OrdersConfig
         "labels": [int(x) for x in store.labels],
         "classes": list(store.classes),
         "shards": shards,
-        "identity": {"latents": ident, "tokenizer": ident.get("tokenizer"), "comae": comae_identity},
+        "identity": {"latents": ident, "tokenizer": ident.get("tokenizer"), **made_by},
         "params": shard_params(cfg),
         "fingerprint": fp,
         "class_orders": class_meta,

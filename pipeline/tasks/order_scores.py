@@ -103,19 +103,22 @@ def build_orders(*, collapse_scores: np.ndarray, matrices: np.ndarray | None, to
 
 
 def score(orders: dict[str, dict[str, Any]], tokens: torch.Tensor, critic: Critic, ks: list[int],
-          batch_size: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Per order, the raw and the adjusted curves [M', len(ks)] under ``critic`` (M' = the
-    images it has): one critic pass per (order, k), plus one with nothing revealed."""
+          batch_size: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Per order, the raw, the adjusted and the L1 curves [M', len(ks)] under ``critic`` (M' =
+    the images it has): one critic pass per (order, k), plus one with nothing revealed.
+    L1: the error of the critic's predicted location, summed over channels (L_r's units)."""
     fn = nll_fn(critic)
     with torch.no_grad():
         blind = torch.cat([fn(x, torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device))
                            for x in tokens.split(batch_size)]).double().cpu().numpy()
-    raw, adjusted = {}, {}
+    raw, adjusted, l1 = {}, {}, {}
     for name, o in orders.items():
         order = np.ascontiguousarray(o["orders"])
-        raw[name] = collapse_curves(fn, tokens[:len(order)], torch.from_numpy(order), ks, batch_size)
+        both = collapse_curves(critic.nll_and_l1, tokens[:len(order)], torch.from_numpy(order),
+                               ks, batch_size)
+        raw[name], l1[name] = both[..., 0], both[..., 1]
         adjusted[name] = raw[name] - hidden_mean(blind[:len(order)], order, ks)
-    return raw, adjusted
+    return raw, adjusted, l1
 
 
 def summarise(curves: dict[str, np.ndarray], ks: list[int], num_tokens: int, bootstrap: int,
@@ -159,15 +162,22 @@ def agreement(a: dict[str, Any], b: dict[str, Any], names: list[str]) -> dict[st
     return {"orders": names, "spearman": float(rho)}
 
 
+MEASURES = {
+    "raw": "mean NLL of the hidden tokens, nats/channel",
+    "adjusted": "mean over the hidden tokens of NLL minus the token's NLL with nothing revealed, "
+                "nats/channel",
+    "l1": "mean L1 error of the critic's prediction of a hidden token, summed over channels "
+          "(L_r's units)",
+}
+
+
 def format_table(summary: dict[str, Any], costs: dict[str, dict[str, Any]],
-                 auc: dict[str, float | None], critic: str, adjusted: bool = False) -> str:
+                 auc: dict[str, float | None], critic: str, measure: str = "raw") -> str:
     """The criterion beside object AUC and cost, best area first, as aligned text."""
     a, best = summary["area"], summary["best_cheap"]
     share = summary.get("greedy_subset", {}).get("share_of_greedy_gain", {})
-    what = ("mean over the hidden tokens of NLL minus the token's NLL with nothing revealed"
-            if adjusted else "mean NLL of the hidden tokens")
     lines = [f"orders by the collapse criterion ({critic} critic, {summary['images']} val images; "
-             f"{what}, nats/channel; lower = collapses faster; best cheap order: {best}):",
+             f"{MEASURES[measure]}; lower = collapses faster; best cheap order: {best}):",
              f"  {'order':<15}{'area [95% CI]':>22}{'d vs random [95% CI]':>26}"
              f"{'d vs ' + best:>24}{'@22%':>8}{'@50%':>8}{'greedy gain':>12}{'obj AUC':>8}"
              f"{'s/img':>9}{'MFLOP/img':>10}"]

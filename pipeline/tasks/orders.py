@@ -83,10 +83,16 @@ def compute_orders(images: str | Path, out: str | Path, *, comae: str | Path = "
     from pipeline.latents.store import LatentStore
     from pipeline.latents.writer import extract_latents
     from pipeline.tasks.comae import load_comae
+    from pipeline.tasks.estimators import comae_identity
     from pipeline.orders.export import export_split
     from pipeline.utils.device import pick_device
 
     check_source_exists(str(images))  # before any model is loaded or file written
+    cfg = orders_cfg or OrdersConfig()
+    if cfg.estimator != "comae":
+        raise ComputeError(f"cop orders compute makes CoMAE orders only (orders.estimator is "
+                           f"{cfg.estimator!r}): set it to comae, or export with the pipeline's "
+                           "export_orders stage")
     out = Path(out)
     say = log or (lambda _msg: None)
     device = pick_device()
@@ -111,10 +117,8 @@ def compute_orders(images: str | Path, out: str | Path, *, comae: str | Path = "
     store = LatentStore(out / WORK / "latents.zarr", in_memory=None)
     model.check_store(store)
 
-    cfg = orders_cfg or OrdersConfig()
-    ident = {"weights": comae_info["weights"], "sha256": comae_info["sha256"],
-             "config": comae_info["config"]}
-    res = export_split(store, model, ident, cfg, out, SPLIT, device=device, class_orders=True)
+    res = export_split(store, model, comae_identity(comae_info), cfg, out, SPLIT, device=device,
+                       class_orders=True)
     rate = f", {res.images_per_s:.1f} images/s" if res.images_per_s else ""
     say(f"orders of {res.count} images in {res.shards} shards -> {out} "
         f"({res.computed} shards computed{rate})")

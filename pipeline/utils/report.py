@@ -134,23 +134,29 @@ def criterion_section(data_dir: Path) -> str:
            'masked token predictor that built no order) measures the NLL of the patches still '
            'hidden, nats per channel. Area: the mean over the reveal range (lower = the order '
            'collapses the image faster). Δ: paired difference, 95% bootstrap interval over '
-           'images. Greedy gain: the share of the greedy reference\'s gain over random each '
-           'order reaches. From <code>data/reports/order_scores.json</code>.</p>']
+           'images. Adjusted: each hidden token against its own NLL with nothing revealed (an '
+           'order cannot score by leaving easy tokens hidden). L1: the critic\'s prediction error '
+           'summed over channels, L_r\'s units. Greedy gain: the share of the greedy reference\'s '
+           'gain over random each order reaches. From <code>data/reports/order_scores.json</code>.</p>']
     rec = read_json_or_none(data_dir / "reports" / "order_scores.json")
     if not isinstance(rec, dict) or "summary" not in rec:
         return "".join(out) + missing("data/reports/order_scores.json")
     summ, costs, auc = rec["summary"], rec.get("costs", {}), rec.get("object_auc", {})
+    adj, l1 = rec.get("adjusted", {}).get("area", {}), rec.get("l1", {}).get("area", {})
     share = summ.get("greedy_subset", {}).get("share_of_greedy_gain", {})
     ci = (lambda d: f"{d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]" if d else "")
     head = ("order", "area [95% CI]", "Δ vs random", f"Δ vs {summ['best_cheap']} (best cheap)",
-            "@22%", "@50%", "greedy gain", "object AUC", "s / image", "MFLOP / image")
+            "@22%", "@50%", "greedy gain", "adjusted Δ vs random", "L1 Δ vs random",
+            "object AUC", "s / image", "MFLOP / image")
     body = ""
     for name in sorted(summ["area"], key=lambda n: summ["area"][n]["mean"]):
         r, c = summ["area"][name], costs.get(name, {})
         cells = (f"{r['mean']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}]", ci(r.get("vs_random")),
                  ci(r.get("vs_best_cheap")), fmt(summ["at22"][name]["mean"]),
                  fmt(summ["at50"][name]["mean"]),
-                 "" if share.get(name) is None else f"{share[name]:.0%}", fmt(auc.get(name)),
+                 "" if share.get(name) is None else f"{share[name]:.0%}",
+                 ci(adj.get(name, {}).get("vs_random")), ci(l1.get(name, {}).get("vs_random")),
+                 fmt(auc.get(name)),
                  fmt(c.get("seconds")), "" if c.get("flops") is None else f"{c['flops'] / 1e6:.2f}")
         cls = ' class="hl"' if name == "collapse" else ""
         body += (f'<tr{cls}><td class="k">{esc(name)}</td>'
@@ -158,7 +164,10 @@ def criterion_section(data_dir: Path) -> str:
     out.append('<table class="orders"><tr>' + "".join(f"<th>{esc(h)}</th>" for h in head)
                + f"</tr>{body}</table>")
     agree = rec.get("agreement", {})
-    out.append(f'<p class="note">{fmt(rec.get("images"))} val images; the two critics rank the '
+    made = costs.get("collapse", {}).get("built_by") or "comae"
+    out.append(f'<p class="note">{fmt(rec.get("images"))} val images; the exported order '
+               f'(<code>collapse</code>) was made by the estimator <code>{esc(made)}</code> '
+               '(<code>orders.estimator</code>); the two critics rank the '
                f'{len(agree.get("orders", []))} orders neither built with Spearman ρ = '
                f'{fmt(agree.get("spearman"))}.</p>')
     png = data_dir / "plots" / "collapse_curves.png"
