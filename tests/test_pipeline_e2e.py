@@ -214,6 +214,17 @@ def test_dvc_repro_and_experiments(repo):
         assert col in table, (col, table)
     assert "no-contrastive" in table
 
+    # The export's other estimator (docs/criterion.md): same shard format, named in the set,
+    # and score_orders times the estimator that made the exported orders.
+    py = [sys.executable, "-m"]
+    _run(py + ["stages.export_orders", "-S", "orders.estimator=critic"], root, env)
+    _run(py + ["stages.score_orders", "-S", "orders.estimator=critic"], root, env)
+    ident = json.loads((root / "data/orders/val/manifest.json").read_text())["identity"]
+    assert ident["estimator"] == "critic" and ident["critic"]["variant"] == "builder"
+    scored = json.loads((root / "data/reports/order_scores.json").read_text())
+    assert scored["costs"]["collapse"]["built_by"] == "critic"
+    assert set(scored["l1"]["area"]) == set(scored["summary"]["area"])
+
 
 @pytest.mark.slow
 def test_changed_data_retrains_from_scratch(repo):
