@@ -84,7 +84,10 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
               "builder": builder_meta.get("task"), "scorer_sha256": scorer_meta["sha256"],
               "builder_sha256": builder_meta["sha256"], "summary": summary,
               "builder_scores": second, "adjusted": gain, "l1": errors, "agreement": agreement(summary, second, neither),
-              "costs": costs, "object_auc": auc}
+              "costs": costs, "object_auc": auc,
+              # per image, for eval_cvit's order-quality figure (its bootstrap resamples images)
+              "per_image_at22": {n: np.round(c[:, ks.index(int(round(0.22 * N)))], 6).tolist()
+                                 for n, c in raw.items() if len(c) == len(keys)}}
     atomic_write_json(out.report, record)
     write_csv(out.curve, [{"k": k, "revealed": k / N, **{n: c[j] for n, c in summary["curves"].items()}}
                           for j, k in enumerate(ks)])

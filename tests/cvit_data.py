@@ -96,11 +96,12 @@ def make_orders(out: Path, images: ImageSet, grid: int, split: str, work: Path,
 
 def make_data_dir(root: Path, grid: int = 4, size: int = 32, classes: int = 3,
                   per_class: int = 8, seed: int = 0) -> Path:
-    """``root/data`` laid out as the pipeline has it: images/{train,val}, orders/{train,val}."""
+    """``root/data`` laid out as the pipeline has it: images/, orders/ and latents/ of train, val."""
     data = root / "data"
     for split, n in (("train", per_class), ("val", max(2, per_class // 2))):
         images = make_imageset(data / "images" / split, split, classes, n, size, seed)
         make_orders(data / "orders" / split, images, grid, split, root / "work")
+        make_store(data / "latents" / f"{split}.zarr", images, grid)  # what the orders came from
     return data
 
 

@@ -191,11 +191,15 @@ def test_train_and_eval_stages(data: Path, capsys) -> None:
     headline = json.loads((data / "metrics" / "cvit.json").read_text())
     assert headline == eval_cvit.headline(saved)
     assert all(not isinstance(v, (dict, list)) for v in headline.values())
-    rows = ("ViT", "ViT+C", "RViT", "CViT", "CViT-fixed", "CViT-centre", "CViT-pixvar", "CViT-other")
-    assert set(headline) == ({f"AuC_{r}" for r in rows} | {f"top1@78_{r}" for r in rows[:4]}
-                             | {"own_minus_other@78", "own_minus_other@78_pm"})
+    rows = ("ViT", "ViT+C", "RViT", "CViT", "CViT-fixed", "CViT-centre", "CViT-pixvar", "CViT-pss",
+            "CViT-halton", "CViT-other")
+    assert set(headline) == ({f"top1@78_{r}" for r in rows} | {"AuC_CViT", "own_minus_other@78",
+                             "own_minus_other@78_pm", "order_quality_spearman"})
     assert headline["own_minus_other@78"] == saved["contrasts"]["CViT - CViT-other"]["top1@78"]
     assert headline["AuC_CViT"] == saved["CViT"]["AuC"]
+    # no score_orders report in this data dir: the figure is skipped, and says why
+    assert "order_scores.json not produced" in saved["order_quality"]["skipped"]
+    assert headline["order_quality_spearman"] is None
     assert headline["top1@78_RViT"] == saved["RViT"]["top1@78"]
     n_ratios = len(params.cvit.eval.ratios)
     for row in rows:
@@ -277,7 +281,8 @@ def test_another_images_order_is_a_derangement() -> None:
         derangement(1)
     g = torch.Generator().manual_seed(0)
     own = torch.stack([torch.randperm(16, generator=g) for _ in range(6)]).numpy()
-    orders = EvalOrders(own, np.arange(16.0), grid=4, run_seed=1, draws=3)
+    pss = own[::-1].copy()
+    orders = EvalOrders(own, np.arange(16.0), grid=4, run_seed=1, draws=3, token_orders=pss)
     batch = {"index": torch.tensor([0, 2, 5]), "image": torch.zeros(3, 32, 32, 3, dtype=torch.uint8)}
     got = orders.for_batch(batch)
     assert np.array_equal(got["collapse"][0].numpy(), own[[0, 2, 5]])
@@ -285,5 +290,38 @@ def test_another_images_order_is_a_derangement() -> None:
     assert got["fixed"][0][0].tolist() == list(range(15, -1, -1))  # highest mean score first
     assert set(got["centre"][0][0, :4].tolist()) == {5, 6, 9, 10}  # the 4 central patches of 4x4
     assert len(got["random"]) == 3 and not torch.equal(got["random"][0], got["random"][1])
+    assert np.array_equal(got["token_l1"][0].numpy(), pss[[0, 2, 5]])
+    from pipeline.orders.baselines import halton_order
+
+    first = got["halton"][0][0].tolist()
+    assert first == halton_order(4).tolist() and torch.equal(got["halton"][0][0], got["halton"][0][2])
+    assert first[0] // 4 != first[1] // 4 and first[0] % 4 != first[1] % 4  # spread: row and column
+    with pytest.raises(ValueError, match="token orders"):
+        EvalOrders(own, np.arange(16.0), grid=4, run_seed=1, draws=3, token_orders=pss[:2])
     for rows in got.values():
         assert all(sorted(o.tolist()) == list(range(16)) for t in rows for o in t)
+
+
+def test_order_quality_correlates_criterion_and_accuracy_across_orders() -> None:
+    from pipeline.tasks.cvit_eval import ORDER_OF_ROW, format_order_quality, order_quality
+
+    rng = np.random.default_rng(0)
+    ratios = [0.0, 0.78]
+    rows = list(ORDER_OF_ROW)
+    # order r collapses the image by 0.1 nats less than order r-1, and CViT gains 10 points
+    per_seed = {r: [{"top1": np.stack([np.ones(300), rng.random(300) < 0.2 + 0.1 * i], 1)}
+                    for _ in (0, 1)] for i, r in enumerate(rows)}
+    scored = {"per_image_at22": {ORDER_OF_ROW[r]: (1.0 - 0.1 * i + 0.05 * rng.standard_normal(100)).tolist()
+                                 for i, r in enumerate(rows)}}
+    q = order_quality(per_seed, ratios, scored, resamples=300, seed=0)
+    assert q["spearman"] == pytest.approx(-1.0) and q["spearman_ci"][1] < 0  # the claim holds here
+    assert q["rows"]["CViT-pss"]["order"] == "token_l1" and q["images"] == {"cvit": 300, "criterion": 100}
+    e = q["rows"]["CViT"]
+    assert e["at22_ci"][0] < e["at22"] < e["at22_ci"][1] and e["top1_ci"][0] < e["top1"] < e["top1_ci"][1]
+    # no relation: the interval covers 0
+    flat = {r: [{"top1": np.stack([np.ones(300), rng.random(300) < 0.5], 1)}] for r in rows}
+    assert order_quality(flat, ratios, scored, 300, 0)["spearman_ci"][0] < 0 < order_quality(
+        flat, ratios, scored, 300, 0)["spearman_ci"][1]
+    few = order_quality(per_seed, ratios, {"per_image_at22": {"collapse": [1.0]}}, 300, 0)
+    assert few["rows"] == {} and "3 needed" in few["skipped"] and "not measured" in format_order_quality(few)
+    assert "Spearman rho over 7 orders" in format_order_quality(q)

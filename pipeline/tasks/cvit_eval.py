@@ -11,6 +11,9 @@ collapse order (issue 12: "another image's order works as well as the image's ow
     CViT-fixed    cvit    one order for all images: the train split's mean collapse scores
     CViT-centre   cvit    patches nearest the image centre
     CViT-pixvar   cvit    patches of highest pixel variance (cheap contrast saliency)
+    CViT-pss      cvit    tokens of highest L1 norm (PSS's embedding norm, in the token space;
+                          the best cheap order by the collapse criterion, docs/criterion.md)
+    CViT-halton   cvit    a 2-D Halton sequence over the grid (spread-out patches)
     CViT-other    cvit    another val image's collapse order (a fixed derangement)
 
 The baseline orders are the scores of :mod:`pipeline.orders.baselines` (what
@@ -39,7 +42,9 @@ from torch import Tensor
 from pipeline.metrics.curves import auc, kneedle, topk_hits
 from pipeline.metrics.intervals import resample_weights, seed_mean_interval
 from pipeline.models.vit import VisionTransformer, vit_forward_flops
-from pipeline.orders.baselines import centre_scores, fixed_scores, pixel_variance_scores
+from pipeline.orders.baselines import (
+    centre_scores, fixed_scores, halton_scores, pixel_variance_scores, token_l1_scores,
+)
 from pipeline.orders.pagerank import collapse_order
 from pipeline.tasks.cvit import (
     ROWS, OrdersMismatchError, keep_first, num_keep, orders_tokenizer_fingerprint,
@@ -54,6 +59,8 @@ CONTROLS: dict[str, tuple[str, str]] = {
     "CViT-fixed": ("cvit", "fixed"),
     "CViT-centre": ("cvit", "centre"),
     "CViT-pixvar": ("cvit", "pixel_variance"),
+    "CViT-pss": ("cvit", "token_l1"),
+    "CViT-halton": ("cvit", "halton"),
     "CViT-other": ("cvit", "other"),
 }
 ALL_ROWS: dict[str, tuple[str, str]] = {**ROWS, **CONTROLS}
@@ -115,11 +122,13 @@ class EvalOrders:
     """Every order a row keeps first, for a batch of val images (``index`` into the set).
 
     ``image_orders`` [n, N]: each image's collapse order; ``mean_scores`` [N]: the train
-    split's mean collapse scores (the ``fixed`` baseline); ``grid``: the patch grid.
+    split's mean collapse scores (the ``fixed`` baseline); ``grid``: the patch grid;
+    ``token_orders`` [n, N]: each image's token-L1 (PSS) order (:func:`token_l1_orders`).
     """
 
     def __init__(self, image_orders: np.ndarray, mean_scores: np.ndarray, grid: int,
-                 run_seed: int, draws: int, derangement_seed: int = 0) -> None:
+                 run_seed: int, draws: int, *, token_orders: np.ndarray,
+                 derangement_seed: int = 0) -> None:
         n, N = image_orders.shape
         if N != grid * grid:
             raise ValueError(f"orders of {N} patches do not fit a {grid}x{grid} grid")
@@ -128,22 +137,46 @@ class EvalOrders:
         self.other_of = derangement(n, derangement_seed)
         self.fixed = collapse_order(fixed_scores(1, np.asarray(mean_scores, np.float64)))[0]
         self.centre = collapse_order(centre_scores(1, grid))[0]
+        self.halton = collapse_order(halton_scores(1, grid))[0]
+        self.token_l1 = np.asarray(token_orders, np.int64)
+        if self.token_l1.shape != self.collapse.shape:
+            raise ValueError(f"token orders {self.token_l1.shape} do not match the collapse "
+                             f"orders {self.collapse.shape}")
 
     def for_batch(self, batch: dict[str, Tensor]) -> dict[str, list[Tensor]]:
         """{drop: [orders [B, N] per draw]}: one draw for every drop but ``random``."""
         idx = batch["index"].numpy()
         B = len(idx)
         pixels = batch["image"].numpy()  # uint8 [B, H, W, 3]
+        fixed = lambda o: [torch.from_numpy(np.broadcast_to(o, (B, self.num_patches)).copy())]  # noqa: E731
         return {
             "collapse": [torch.from_numpy(self.collapse[idx])],
             "other": [torch.from_numpy(self.collapse[self.other_of[idx]])],
-            "fixed": [torch.from_numpy(np.broadcast_to(self.fixed, (B, self.num_patches)).copy())],
-            "centre": [torch.from_numpy(np.broadcast_to(self.centre, (B, self.num_patches)).copy())],
+            "fixed": fixed(self.fixed),
+            "centre": fixed(self.centre),
+            "halton": fixed(self.halton),
             "pixel_variance": [torch.from_numpy(collapse_order(pixel_variance_scores(pixels, self.grid)))],
             "random": [torch.stack([random_order(int(i), self.num_patches,
                                                  random_draw_seed(self.run_seed, r)) for i in idx])
                        for r in range(self.draws)],
+            "token_l1": [torch.from_numpy(self.token_l1[idx])],
         }
+
+
+def token_l1_orders(store: Any, keys: list[str], chunk: int = 1024) -> np.ndarray:
+    """int64 [len(keys), N]: each image's tokens by descending L1 norm (PSS's order), read from
+    the latent ``store`` a chunk at a time (a whole ImageNet val split never sits in memory)."""
+    row_of = {k: i for i, k in enumerate(store.keys)}
+    missing = [k for k in keys if k not in row_of]
+    if missing:
+        raise ValueError(f"{len(missing)} images have no latents in {getattr(store, 'path', store)} "
+                         f"(first: {missing[0]}): re-run extract_latents")
+    rows = np.asarray([row_of[k] for k in keys])
+    out = []
+    for s in range(0, len(rows), chunk):
+        grids = store.tokens(rows[s:s + chunk])  # [b, D, h, w]
+        out.append(collapse_order(token_l1_scores(grids.flatten(2).transpose(1, 2).numpy())))
+    return np.concatenate(out).astype(np.int64)
 
 
 @torch.inference_mode()
@@ -377,6 +410,94 @@ def plot_fig8(path: Path, rows: dict[str, dict[str, Any]], ratios: list[float], 
     plt.close(fig)
 
 
+# ----------------------------------------------------------------------------- the claim in one figure
+
+# CViT row -> the name ``score_orders`` gives the order that row keeps first
+ORDER_OF_ROW = {"CViT": "collapse", "CViT-other": "other_image", "CViT-fixed": "fixed",
+                "CViT-centre": "centre", "CViT-pixvar": "pixel_variance", "CViT-pss": "token_l1",
+                "CViT-halton": "halton"}
+
+
+def order_quality(per_seed: dict[str, list[dict[str, np.ndarray]]], ratios: list[float],
+                  scored: dict[str, Any], resamples: int, seed: int, ratio: float = 0.78
+                  ) -> dict[str, Any]:
+    """Does an order that collapses the image faster give a better CViT? For every CViT row
+    whose order ``score_orders`` scored: top-1 (%) at ``ratio`` dropped (mean over seeds and
+    val images) against the order's raw collapse-curve value at 22% revealed (``scored``:
+    ``data/reports/order_scores.json``; lower = collapses faster, so the paper's claim predicts
+    a negative rank correlation). Spearman's rho with a 95% bootstrap interval: CViT's val
+    images and the criterion's images are resampled independently (they are different sets)."""
+    from scipy.stats import spearmanr
+
+    at22 = scored.get("per_image_at22") or {}
+    rows = [r for r, name in ORDER_OF_ROW.items() if name in at22 and r in per_seed]
+    if len(rows) < 3:
+        return {"rows": {}, "skipped": f"{len(rows)} orders scored by both stages (3 needed)"}
+    j = ratios.index(ratio)
+    acc = {r: 100.0 * np.mean([s["top1"][:, j] for s in per_seed[r]], axis=0) for r in rows}
+    crit = {r: np.asarray(at22[ORDER_OF_ROW[r]], np.float64) for r in rows}
+    wa = resample_weights(len(acc[rows[0]]), resamples, seed)
+    wc = resample_weights(len(crit[rows[0]]), resamples, seed + 1)
+    X = np.stack([wc @ crit[r] for r in rows], axis=1)  # [B, rows]
+    Y = np.stack([wa @ acc[r] for r in rows], axis=1)
+    boot = np.array([spearmanr(x, y).statistic for x, y in zip(X, Y)])
+    rho = float(spearmanr([crit[r].mean() for r in rows], [acc[r].mean() for r in rows]).statistic)
+    lo, hi = np.nanpercentile(boot, [2.5, 97.5])
+    table = {r: {"order": ORDER_OF_ROW[r], "at22": float(crit[r].mean()),
+                 "at22_ci": [float(v) for v in np.percentile(X[:, i], [2.5, 97.5])],
+                 "top1": float(acc[r].mean()),
+                 "top1_ci": [float(v) for v in np.percentile(Y[:, i], [2.5, 97.5])]}
+             for i, r in enumerate(rows)}
+    return {"rows": table, "ratio": ratio, "spearman": rho, "spearman_ci": [float(lo), float(hi)],
+            "images": {"cvit": len(acc[rows[0]]), "criterion": len(crit[rows[0]])}}
+
+
+def format_order_quality(q: dict[str, Any]) -> str:
+    if not q.get("rows"):
+        return f"order quality vs CViT accuracy: not measured ({q.get('skipped')})"
+    lab = ratio_label(q["ratio"])
+    lines = [f"order quality vs CViT accuracy (the collapse criterion at 22% revealed, lower = "
+             f"collapses faster; CViT top-1 at {lab}% dropped):",
+             f"  {'row':<13}{'order':<16}{'NLL @22% [95% CI]':>24}{f'top1@{lab} [95% CI]':>24}"]
+    for r, e in sorted(q["rows"].items(), key=lambda kv: kv[1]["at22"]):
+        lines.append(f"  {r:<13}{e['order']:<16}{e['at22']:>8.3f} [{e['at22_ci'][0]:.3f}, "
+                     f"{e['at22_ci'][1]:.3f}]{e['top1']:>8.1f} [{e['top1_ci'][0]:5.1f}, "
+                     f"{e['top1_ci'][1]:5.1f}]")
+    lo, hi = q["spearman_ci"]
+    lines.append(f"  Spearman rho over {len(q['rows'])} orders: {q['spearman']:+.2f} [{lo:+.2f}, "
+                 f"{hi:+.2f}] (the paper's claim predicts < 0)")
+    return "\n".join(lines)
+
+
+def plot_order_quality(path: Path, q: dict[str, Any], title: str) -> None:
+    """CViT top-1 at 78% dropped against the order's collapse-curve value at 22% revealed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.6, 4.4), dpi=150)
+    for r, e in q.get("rows", {}).items():
+        x, y = e["at22"], e["top1"]
+        ax.errorbar(x, y, xerr=[[x - e["at22_ci"][0]], [e["at22_ci"][1] - x]],
+                    yerr=[[y - e["top1_ci"][0]], [e["top1_ci"][1] - y]], fmt="o", markersize=4,
+                    capsize=2, linewidth=0.8, color="C3" if r == "CViT" else "C0")
+        ax.annotate(r, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("NLL of the hidden tokens at 22% revealed (scorer critic; lower = collapses faster)")
+    ax.set_ylabel(f"CViT top-1 at {ratio_label(q.get('ratio', 0.78))}% dropped (%)")
+    if q.get("rows"):
+        lo, hi = q["spearman_ci"]
+        title += f"\nSpearman rho {q['spearman']:+.2f} [{lo:+.2f}, {hi:+.2f}] over {len(q['rows'])} orders"
+    ax.set_title(title, fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
 __all__ = ["ALL_ROWS", "CONTRASTS", "CONTROLS", "TABLE_RATIOS", "EvalOrders", "accuracy_csv",
            "auc_weights", "check_model_fits", "derangement", "evaluate_rows", "format_table",
-           "measure_cost", "plot_fig8", "random_draw_seed", "ratio_label", "summarise"]
+           "measure_cost", "ORDER_OF_ROW", "order_quality", "format_order_quality",
+           "plot_fig8", "plot_order_quality", "random_draw_seed", "ratio_label", "summarise",
+           "token_l1_orders"]
