@@ -66,8 +66,8 @@ CONTROLS: dict[str, tuple[str, str]] = {
 ALL_ROWS: dict[str, tuple[str, str]] = {**ROWS, **CONTROLS}
 # paired differences (same images, same seeds) reported with their intervals; the first is
 # the claim under test: the image's own collapse order against another image's
-CONTRASTS = (("CViT", "CViT-other"), ("CViT", "CViT-fixed"), ("CViT", "RViT"), ("CViT", "ViT+C"),
-             ("ViT+C", "ViT"))
+CONTRASTS = (("CViT", "CViT-other"), ("CViT", "CViT-fixed"), ("CViT", "CViT-pss"), ("CViT", "RViT"),
+             ("CViT", "ViT+C"), ("ViT+C", "ViT"))
 
 
 def check_model_fits(name: str, model: VisionTransformer, meta: dict[str, Any], orders: Any,
@@ -483,7 +483,7 @@ def plot_order_quality(path: Path, q: dict[str, Any], title: str) -> None:
                     yerr=[[y - e["top1_ci"][0]], [e["top1_ci"][1] - y]], fmt="o", markersize=4,
                     capsize=2, linewidth=0.8, color="C3" if r == "CViT" else "C0")
         ax.annotate(r, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.set_xlabel("NLL of the hidden tokens at 22% revealed (scorer critic; lower = collapses faster)")
+    ax.set_xlabel("NLL of the hidden tokens at 22% revealed (lower = collapses faster)")
     ax.set_ylabel(f"CViT top-1 at {ratio_label(q.get('ratio', 0.78))}% dropped (%)")
     if q.get("rows"):
         lo, hi = q["spearman_ci"]
