@@ -42,39 +42,29 @@ ORDERS = ("random", "halton", "token_l1", "token_saliency", "pixel_variance", "f
           "collapse", "collapse_asc", "confidence", "greedy")
 
 
-def mar_loss_fn(mar: MAR, labels: torch.Tensor, draws: int, seed: int):
+def mar_loss_fn(mar: MAR, labels: torch.Tensor, t: torch.Tensor, noise: torch.Tensor):
     """``fn(tokens [B, N, D], revealed [B, N]) -> [B, N]``: MAR's diffusion loss of every token
-    given the revealed ones (mean over ``draws`` (t, noise) pairs fixed per image row)."""
-    N, D = mar.seq_len, mar.token_embed_dim
-    gen = torch.Generator().manual_seed(seed)
-    T = mar.diffloss.train_diffusion.num_timesteps
-    t_all = torch.randint(0, T, (len(labels), draws, N), generator=gen)
-    noise_all = torch.randn(len(labels), draws, N, D, generator=gen)
-    state = {"start": 0}
+    given the revealed ones, averaged over the fixed draws ``t`` [B, draws, N] and ``noise``
+    [B, draws, N, D] of these B rows (``labels`` [B])."""
+    draws, N, D = t.shape[1], mar.seq_len, mar.token_embed_dim
 
     @torch.no_grad()
     def fn(x: torch.Tensor, revealed: torch.Tensor) -> torch.Tensor:
         B = len(x)
-        rows = slice(state["start"], state["start"] + B)
         hidden = ~revealed
         if hidden.sum(1).min() == 0:
             raise ValueError("MAR scores hidden tokens: every row needs one at least")
         # MAR's encoder drops the masked tokens and needs the same count per row: it is (every
         # order hides N - k at reveal count k)
-        enc = mar.forward_mae_encoder(x, hidden, mar.class_embedding(labels[rows]))
+        enc = mar.forward_mae_encoder(x, hidden, mar.class_embedding(labels))
         z = mar.forward_mae_decoder(enc, hidden)  # [B, N, Dd]
         zz = z.unsqueeze(1).expand(B, draws, N, z.shape[-1]).reshape(-1, z.shape[-1])
         target = x.unsqueeze(1).expand(B, draws, N, D).reshape(-1, D)
         loss = mar.diffloss.train_diffusion.training_losses(
-            mar.diffloss.net, target.float(), t_all[rows].reshape(-1), noise_all[rows].reshape(-1, D),
-            c=zz)["loss"]
+            mar.diffloss.net, target.float(), t.reshape(-1), noise.reshape(-1, D), c=zz)["loss"]
         return loss.reshape(B, draws, N).mean(1)
 
-    def at(start: int):
-        state["start"] = start
-        return fn
-
-    return at
+    return fn
 
 
 def main() -> None:
@@ -111,7 +101,9 @@ def main() -> None:
     mar.eval()
     ks = reveal_grid(N, params.critic.score.points)
     ks = [k for k in ks if k < N]
-    at = mar_loss_fn(mar, labels, args.draws, args.seed)
+    gen = torch.Generator().manual_seed(args.seed)  # one (t, noise) per token, shared by every order
+    t_all = torch.randint(0, mar.diffloss.train_diffusion.num_timesteps, (M, args.draws, N), generator=gen)
+    noise_all = torch.randn(M, args.draws, N, mar.token_embed_dim, generator=gen)
     t0 = time.perf_counter()
     mar_area, critic_area = {}, {}
     names = [n for n in args.orders if n in built]
@@ -120,8 +112,10 @@ def main() -> None:
     for name in names:
         o = torch.from_numpy(np.ascontiguousarray(built[name]["orders"]))
         m = len(o)
-        curves = np.concatenate([collapse_curves(at(s), tokens[s:min(s + 64, m)], o[s:s + 64], ks, 64)
-                                 for s in range(0, m, 64)])
+        curves = np.concatenate([
+            collapse_curves(mar_loss_fn(mar, labels[s:e], t_all[s:e], noise_all[s:e]), tokens[s:e],
+                            o[s:e], ks, 64)
+            for s, e in ((s, min(s + 64, m)) for s in range(0, m, 64))])
         mar_area[name] = curve_area(curves, ks)
         critic_area[name] = curve_area(collapse_curves(nll_fn(scorer), tokens[:m], o, ks), ks)
     secs = time.perf_counter() - t0

@@ -77,10 +77,12 @@ class CriticGraph:
         eye = torch.eye(N, dtype=torch.bool, device=device)
         variants = torch.cat([R[:, :, None], R[:, :, None] | eye], dim=2)
         flat = variants.reshape(-1, N)
-        x = tokens[:, None, None].expand(B, S, N + 1, N, tokens.shape[-1]).reshape(len(flat), N, -1)
+        # sequence q belongs to image q // (S (N + 1)); its tokens are gathered a chunk at a
+        # time, so memory stays at ``chunk`` sequences (B S (N + 1) copies would be ~1 GB at 16x16)
+        image_of = torch.arange(B, device=device).repeat_interleave(S * (N + 1))
         amp = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
         with amp:
-            nll = torch.cat([self.critic.nll(x[s:s + chunk], flat[s:s + chunk]).float()
+            nll = torch.cat([self.critic.nll(tokens[image_of[s:s + chunk]], flat[s:s + chunk]).float()
                              for s in range(0, len(flat), chunk)])
         nll = nll.reshape(B, S, N + 1, N)
         base, added = nll[:, :, :1], nll[:, :, 1:]  # [B, S, 1, N], [B, S, N(j), N(i)]
