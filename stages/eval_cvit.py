@@ -40,12 +40,11 @@ from pipeline.data.imageset import ImageSet
 from pipeline.latents.store import LatentStore
 from pipeline.orders.report import mean_scores
 from pipeline.orders.shards import CollapseOrders
-from pipeline.tasks.cvit import VARIANTS, CvitImageDataset, load_cvit, run_name
+from pipeline.tasks.cvit import VARIANTS, CvitImageDataset, load_cvit, run_name, token_l1_orders
 from pipeline.tasks.cvit_eval import (ALL_ROWS, EvalOrders, accuracy_csv, check_model_fits,
                                       evaluate_rows, format_order_quality, format_table,
                                       measure_cost, order_quality, plot_fig8,
-                                      plot_order_quality, ratio_label, summarise,
-                                      token_l1_orders)
+                                      plot_order_quality, ratio_label, summarise)
 from pipeline.utils.device import pick_device
 from pipeline.utils.images import images_to_input
 from pipeline.utils.io import atomic_write_json, atomic_write_text, read_json
@@ -136,7 +135,7 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
 
 
 def headline(report: dict[str, Any]) -> dict[str, Any]:
-    """The flat figures `dvc metrics show` prints (14): top-1 with 78% dropped of every row
+    """The flat figures `dvc metrics show` prints (16): top-1 with 78% dropped of every row
     (Tab. 5 and the controls) and CViT's AuC, each mean over seeds; the claim under test, CViT
     with its own order minus the same model with another image's order at 78% dropped, with
     the half-width of its 95% interval (``_pm``); the rank correlation of order quality and

@@ -2,7 +2,8 @@
 
 The ViT of ``cvit.model.dim/depth/heads/mlp_ratio`` on the latent grid, trained on full images of
 the pretrain pool (``data/images/pretrain``; ``train`` when there is none), no orders,
-distilled from the judge (``pipeline.tasks.cvit_pretrain``). Val top-1 every
+distilled from the judge (``pipeline.tasks.cvit_pretrain``); with ``cvit.pretrain.stem_from_judge``
+its conv stem starts as the judge's first layers (kept frozen with ``cvit.model.freeze_stem``). Val top-1 every
 ``cvit.pretrain.eval_every`` steps is the learning curve ``data/plots/pretrain_vit_val.csv``.
 Writes ``data/pretrain_vit/{model.safetensors, config.json, eval_log.csv}``, the full record
 ``data/reports/pretrain_vit.json`` and the headline ``data/metrics/pretrain_vit.json``.
@@ -25,8 +26,8 @@ from pipeline.data.imageset import ImageSet, pretrain_split
 from pipeline.latents.store import LatentStore
 from pipeline.models.layers import count_params
 from pipeline.models.vit import VisionTransformer
-from pipeline.tasks.cvit import PUBLISHED_RECORD, published_record, vit_arch
-from pipeline.tasks.cvit_pretrain import ImageCache, VitDistillTask, top1
+from pipeline.tasks.cvit import PUBLISHED_RECORD, freeze_stem, published_record, vit_arch
+from pipeline.tasks.cvit_pretrain import ImageCache, VitDistillTask, load_judge_stem, top1
 from pipeline.tasks.judge import ImageLabelDataset, load_judge
 from pipeline.train.stage import TrainingStage
 from pipeline.utils.io import atomic_write_json, atomic_write_text, sha256_file
@@ -49,8 +50,14 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
         torch.manual_seed(params.seed)
         model = VisionTransformer(vit_arch(params, images.crop_size, _grid(data_dir),
                                            len(images.classes)))
+        if cfg.stem_from_judge:
+            load_judge_stem(model, judge)
+        if params.cvit.model.freeze_stem:
+            freeze_stem(model)
         task = VitDistillTask(model, judge, cfg.distill, cfg.temperature, cfg.max_shift,
-                              extra_config={"init_seed": params.seed})
+                              extra_config={"init_seed": params.seed,
+                                            "stem_from_judge": cfg.stem_from_judge,
+                                            "frozen_stem": params.cvit.model.freeze_stem})
         report = {"params": count_params(model), "train_split": images.path.name,
                   "train_images": len(images), "val_images": len(val),
                   "grid": model.arch.grid, "patch_size": model.arch.patch_size}

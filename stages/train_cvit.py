@@ -3,7 +3,9 @@ seed -> ``data/cvit/<variant>_s<seed>/``.
 
 - ``vit``:  full images (the ViT / ViT+C rows);
 - ``rvit``: a cosine-scheduled share of random patches dropped;
-- ``cvit``: the same share of the lowest collapse ranks dropped (the first k of the order kept).
+- ``cvit``: the same share of the lowest collapse ranks dropped (the first k of the order kept);
+- ``cvit_pss``: the same share dropped by PSS's order (smallest latent-token L1 norm first;
+  read from ``data/latents/train.zarr``, the flipped image's from its flipped latents).
 
 Every variant starts from the same weights, ``data/pretrain_vit`` (stage ``pretrain_vit``:
 a ViT distilled from the judge on full images, or the published timm ViT-B it records when
@@ -27,11 +29,12 @@ from typing import Any
 
 from pipeline.config import Params
 from pipeline.data.imageset import ImageSet
+from pipeline.latents.store import LatentStore
 from pipeline.models.layers import count_params
 from pipeline.orders.shards import CollapseOrders
 from pipeline.tasks.cvit import (
     TRAIN_DROP, VARIANTS, CvitImageDataset, CvitTask, build_vit, orders_tokenizer_fingerprint,
-    run_name, run_params,
+    run_name, run_params, token_l1_orders,
 )
 from pipeline.train.stage import TrainingStage
 from pipeline.utils.io import atomic_write_json
@@ -52,20 +55,26 @@ def run(params: Params, variant: str = "cvit", seed: int = 0,
         images = ImageSet(data_dir / "images" / "train")
         orders = CollapseOrders(data_dir / "orders" / "train")
         # Bad input stops here, before any work: missing orders, another grid or image size.
-        uses_orders = TRAIN_DROP[variant] == "collapse"
-        dataset = CvitImageDataset(images, orders if uses_orders else None,
-                                   check_orders=orders)
+        drop = TRAIN_DROP[variant]
+        tables, inputs = None, {}
+        if drop == "token_l1":  # PSS: the token-norm order of each image and of its flip
+            store = LatentStore(data_dir / "latents" / "train.zarr", in_memory=None)
+            tables = (token_l1_orders(store, images.keys), token_l1_orders(store, images.keys, flip=True))
+            inputs = {"latents": store.identity}
+        dataset = CvitImageDataset(images, orders if drop == "collapse" else None,
+                                   check_orders=orders, order_tables=tables)
         model, pre = build_vit(params, images.crop_size, orders.grid, len(images.classes),
                                data_dir / "pretrain_vit")
         task = CvitTask(model, variant, cfg.max_mask_ratio, orders_tokenizer_fingerprint(orders),
                         extra_config={"pretrained_sha256": pre.get("pretrained_sha256"),
-                                      "start": pre["start"], "init_seed": params.seed})
+                                      "start": pre["start"], "init_seed": params.seed,
+                                      "frozen_stem": pre["frozen_stem"]})
         report = {"variant": variant, "seed": seed, "drop": TRAIN_DROP[variant],
                   "params": count_params(model), "grid": model.arch.grid,
                   "patch_size": model.arch.patch_size, "start": pre["start"]}
         final = stage.fit(task, dataset, cfg.train, report=report, desc=f"cvit[{name}]",
                           inputs={"images": images.identity, "orders": orders.identity,
-                                  "start": pre.get("pretrained_sha256")})
+                                  "start": pre.get("pretrained_sha256"), **inputs})
         if stage.is_main:
             atomic_write_json(stage.out.run / "pretrained.json", pre)
             stage.say(f"[cvit] {name}: loss {final.get('loss', float('nan')):.4f}, train acc "

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import parse_params
+from pipeline.config import VARIANTS, parse_params
 from pipeline.data.imageset import ImageSet
 from pipeline.models.vit import VisionTransformer, VitArch
 from pipeline.orders.shards import CollapseOrders
@@ -169,7 +169,7 @@ def test_train_and_eval_stages(data: Path, capsys) -> None:
     params = parse_params({"seed": 0, "cvit": TINY_CVIT})
     make_pretrained_vit(data, params)
     for seed in (0, 1):
-        for v in ("vit", "rvit", "cvit"):
+        for v in VARIANTS:
             m = train_cvit.run(params, variant=v, seed=seed, data_dir=data)
             assert m["variant"] == v and m["train_steps"] == 20 and m["grid"] == 4
             assert m["seed"] == seed and m["start"] == "pretrain_vit"
@@ -192,7 +192,7 @@ def test_train_and_eval_stages(data: Path, capsys) -> None:
     assert headline == eval_cvit.headline(saved)
     assert all(not isinstance(v, (dict, list)) for v in headline.values())
     rows = ("ViT", "ViT+C", "RViT", "CViT", "CViT-fixed", "CViT-centre", "CViT-pixvar", "CViT-pss",
-            "CViT-halton", "CViT-other")
+            "CViT-halton", "CViT-other", "CViT[pss]", "CViT[pss]-other")
     assert set(headline) == ({f"top1@78_{r}" for r in rows} | {"AuC_CViT", "own_minus_other@78",
                              "own_minus_other@78_pm", "order_quality_spearman"})
     assert headline["own_minus_other@78"] == saved["contrasts"]["CViT - CViT-other"]["top1@78"]
@@ -211,9 +211,11 @@ def test_train_and_eval_stages(data: Path, capsys) -> None:
         assert np.shape(e["top1"]["per_seed"]) == (2, n_ratios)
         assert 0 <= e["top1@78"] <= e["top5@78"] == 100.0  # 3 classes: top-5 is trivial
         assert e["knee"] is None or 0 < e["knee"] < 1
-    # ViT and ViT+C share the weights, and every control is the CViT model: identical without drops
+    # ViT and ViT+C share the weights, every control is the CViT model, CViT[pss] and its
+    # control share theirs: identical without drops
     assert saved["ViT"]["top1@0"] == saved["ViT+C"]["top1@0"]
-    assert {saved[r]["top1@0"] for r in rows[3:]} == {saved["CViT"]["top1@0"]}
+    assert {saved[r]["top1@0"] for r in rows[3:10]} == {saved["CViT"]["top1@0"]}
+    assert saved["CViT[pss]"]["top1@0"] == saved["CViT[pss]-other"]["top1@0"]
     assert set(saved["contrasts"]) >= {"CViT - CViT-other", "CViT - RViT"}
     assert saved["eval"]["seeds"] == [0, 1] and saved["interval"]["resamples"] == 200
     cost = saved["cost"]

@@ -152,3 +152,40 @@ def test_train_cvit_tracks_every_training_key_but_the_seed() -> None:
     assert tracked == {f"cvit.train.{k}" for k in TrainConfig.model_fields if k != "seed"}
     assert "seed" not in stage["params"] and "cvit.train" not in stage["params"]
     assert "--seed ${item.seed}" in stage["cmd"] and stage["matrix"]["seed"] == "${cvit.seeds}"
+
+
+@torch.no_grad()
+def test_judge_stem_is_the_judges_first_layers_inside_each_patch() -> None:
+    from pipeline.models.judge import ConvJudge, JudgeArch
+    from pipeline.tasks.cvit import freeze_stem
+    from pipeline.tasks.cvit_pretrain import load_judge_stem
+
+    torch.manual_seed(0)
+    judge = ConvJudge(JudgeArch(num_classes=3, width=8))
+    for m in judge.modules():  # BatchNorm statistics away from (0, 1), so folding them matters
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
+            m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.2, 0.2)
+    judge.eval()
+    vit = VisionTransformer(VitArch.for_grid(32, 4, 3, dim=16, depth=1, heads=2, stem="conv", stem_width=8))
+    assert load_judge_stem(vit, judge) == 4
+    patch = torch.rand(5, 3, 8, 8) * 2 - 1  # one patch alone: the judge zero-pads its border too
+    # conv + folded BatchNorm against conv then BatchNorm: the same sums regrouped (~1e-6)
+    torch.testing.assert_close(vit.patch_embed.convs(patch), judge.body[:6](patch), atol=1e-5, rtol=1e-4)
+    freeze_stem(vit)
+    assert not any(p.requires_grad for p in vit.patch_embed.convs.parameters())
+    assert vit.patch_embed.proj.weight.requires_grad  # the projection to the width still learns
+    narrow = VisionTransformer(VitArch.for_grid(32, 4, 3, dim=16, depth=1, heads=2, stem="conv", stem_width=4))
+    with pytest.raises(ValueError, match="stem_width=4 must equal the judge's width 8"):
+        load_judge_stem(narrow, judge)
+
+
+def test_stem_options_that_cannot_work_are_refused() -> None:
+    from pipeline.config import ParamsError
+
+    with pytest.raises((ValueError, ParamsError), match="stem_from_judge"):
+        parse_params({"cvit": {"pretrain": {"stem_from_judge": True}}})  # linear stem
+    with pytest.raises((ValueError, ParamsError), match="freeze a random"):
+        parse_params({"cvit": {"model": {"stem": "conv", "freeze_stem": True}}})
+    with pytest.raises((ValueError, ParamsError), match="linear patch embedding"):
+        parse_params({"cvit": {"model": {"stem": "conv", "pretrained": "x.safetensors"}}})

@@ -238,3 +238,60 @@ def test_weight_files_load_from_safetensors_and_wrapped_pth(tmp_path) -> None:
     (tmp_path / "w.npz").write_bytes(b"")
     with pytest.raises(ValueError, match="npz"):
         read_state_dict(tmp_path / "w.npz")
+
+
+# ----------------------------------------------------------------------------- the conv stem
+
+
+def conv_vit(seed: int = 0) -> VisionTransformer:
+    torch.manual_seed(seed)
+    return VisionTransformer(VitArch.for_grid(32, 4, 5, dim=32, depth=2, heads=4, stem="conv",
+                                              stem_width=8)).eval()
+
+
+@torch.no_grad()
+def test_conv_stem_never_looks_across_a_patch_border() -> None:
+    model = conv_vit()
+    g = torch.Generator().manual_seed(3)
+    images = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    before = model.patch_embed(images)  # [2, 16, 32]
+    changed = images.clone()
+    changed[:, :, 8:16, 16:24] = torch.rand(2, 3, 8, 8, generator=g)  # patch (1, 2) = index 6
+    after = model.patch_embed(changed)
+    moved = (after - before).abs().amax(dim=(0, 2))  # [16]
+    assert moved[6] > 1e-3  # the patch itself changes (this test could fail)
+    assert float(moved[torch.arange(16) != 6].max()) == 0.0  # no other patch sees it: exactly
+
+
+@torch.no_grad()
+def test_conv_stem_drops_like_the_linear_one() -> None:
+    model = conv_vit()
+    g = torch.Generator().manual_seed(4)
+    images = torch.rand(3, 3, 32, 32, generator=g) * 2 - 1
+    keep = torch.rand(3, 16, generator=g).argsort(dim=1)[:, :5]
+    full = model.patch_embed(images)
+    # embedding only the kept patches is a gather of embedding all (the same convs per patch)
+    torch.testing.assert_close(model.patch_embed(images, keep),
+                               full.gather(1, keep[:, :, None].expand(-1, -1, 32)), atol=1e-6, rtol=0)
+    # forward from precomputed embeddings (eval_cvit's path) is the forward: same fp32 ops
+    kept = full.gather(1, keep[:, :, None].expand(-1, -1, 32))
+    torch.testing.assert_close(model.forward_embedded(kept, keep), model(images, keep), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(model.forward_embedded(full), model(images), atol=1e-5, rtol=1e-4)
+
+
+def test_conv_stem_flops_count_every_layer() -> None:
+    arch = VitArch.for_grid(32, 4, 5, dim=32, depth=2, heads=4, stem="conv", stem_width=8)
+    stem = VisionTransformer(arch).patch_embed
+    side = 4  # half of the 8 px patch: every conv's output
+    by_hand = sum(2 * side * side * c.weight.numel() for c in stem.conv_layers())
+    by_hand += 2 * stem.proj.weight.numel()
+    linear = VitArch.for_grid(32, 4, 5, dim=32, depth=2, heads=4)
+    assert vit_forward_flops(arch, 16) - vit_forward_flops(linear, 16) == \
+        16 * (by_hand - 2 * 3 * 8 * 8 * 32)
+
+
+def test_bad_stems_are_refused() -> None:
+    with pytest.raises(ValueError, match="unknown ViT stem"):
+        VitArch.for_grid(32, 4, 5, stem="resnet")
+    with pytest.raises(ValueError, match="must be even"):
+        VitArch(img_size=36, patch_size=9, num_classes=5, dim=32, heads=4, stem="conv")

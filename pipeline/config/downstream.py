@@ -21,8 +21,9 @@ class JudgeConfig(Section):
 
 
 
-# The models of Tab. 5 (``train_cvit --variant``): full images, random drops, collapse drops.
-VARIANTS = ("vit", "rvit", "cvit")
+# The models of Tab. 5 (``train_cvit --variant``): full images, random drops, collapse drops;
+# and the cheap competitor, drops by PSS's token norm (issue 20).
+VARIANTS = ("vit", "rvit", "cvit", "cvit_pss")
 
 
 class CvitPretrainConfig(Section):
@@ -36,6 +37,9 @@ class CvitPretrainConfig(Section):
     max_shift: int = Field(4, ge=0, description="random shift (px) besides the flip; the judge "
                            "sees the same augmented image")
     eval_every: int = Field(250, ge=1, description="val top-1 every N steps (learning curve)")
+    stem_from_judge: bool = Field(
+        False, description="copy the judge's half-resolution layers (BatchNorm folded in) into "
+        "the conv stem before training; needs cvit.model.stem=conv and stem_width=judge.width")
     train: TrainConfig = TrainConfig(steps=1500, batch_size=64, lr=2e-3, warmup_frac=0.05,
                                      weight_decay=0.05, ckpt_every=250)
 
@@ -48,6 +52,14 @@ class VitModelConfig(Section):
     depth: int = Field(4, ge=1)
     heads: int = Field(4, ge=1)
     mlp_ratio: float = Field(4.0, gt=0)
+    stem: Literal["linear", "conv"] = Field(
+        "linear", description="patch embedding: linear (timm's, the paper's) or conv (a small "
+        "CNN inside each patch, nothing crosses a patch border)")
+    stem_width: int = Field(32, ge=1, description="conv stem: channels of its first layer")
+    freeze_stem: bool = Field(
+        False, description="keep the stem as loaded, in pretrain_vit and train_cvit: a conv "
+        "stem's convolutions (from the judge; its projection still learns) or the whole linear "
+        "patch embedding (published weights)")
     pretrained: str | None = Field(None, description="timm ViT-B/16 weights (.safetensors/.pth)")
 
 
@@ -95,6 +107,20 @@ class CvitConfig(Section):
     def _seeds(self) -> "CvitConfig":
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds has duplicates: {self.seeds}")
+        return self
+
+    @model_validator(mode="after")
+    def _stem(self) -> "CvitConfig":
+        m = self.model
+        if self.pretrain.stem_from_judge and m.stem != "conv":
+            raise ValueError("pretrain.stem_from_judge copies the judge's layers into a conv stem: "
+                             f"set model.stem=conv (it is {m.stem!r})")
+        if m.pretrained and m.stem != "linear":
+            raise ValueError("model.pretrained (timm ViT-B/16) has a linear patch embedding: set "
+                             f"model.stem=linear (it is {m.stem!r})")
+        if m.freeze_stem and not (m.pretrained or self.pretrain.stem_from_judge):
+            raise ValueError("model.freeze_stem would freeze a random patch embedding: set "
+                             "pretrain.stem_from_judge (conv stem) or model.pretrained")
         return self
 
 

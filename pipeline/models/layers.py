@@ -117,6 +117,15 @@ def init_vit_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
+@torch.no_grad()
+def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """(weight, bias) of the one convolution that equals ``bn(conv(x))`` with ``bn`` in eval
+    mode (its running statistics): bn scales each output channel and shifts it."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # [out]
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    return conv.weight * scale[:, None, None, None], bn.bias + (bias - bn.running_mean) * scale
+
+
 def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from pipeline.models.layers import Block, attention_flops, init_vit_weights, trunc_normal_
 
+STEMS = ("linear", "conv")
 NUM_PREFIX_TOKENS = 1  # the [cls] token; timm's vit_base_patch16_224 has no register tokens
 
 # timm's vit_base_patch16_224 (Dosovitskiy et al. 2021): what the paper fine-tunes.
@@ -59,8 +60,14 @@ class VitArch:
     heads: int = 12
     mlp_ratio: float = 4.0
     in_chans: int = 3
+    stem: str = "linear"  # linear (timm) | conv (PatchConvEmbed)
+    stem_width: int = 32  # conv stem only: channels of its first layer
 
     def __post_init__(self) -> None:
+        if self.stem not in STEMS:
+            raise ValueError(f"unknown ViT stem {self.stem!r}: choose one of {', '.join(STEMS)}")
+        if self.stem == "conv" and self.patch_size % 2:
+            raise ValueError(f"the conv stem halves each patch: patch size {self.patch_size} must be even")
         if self.img_size % self.patch_size:
             raise ValueError(f"image size {self.img_size} is not a multiple of the patch size "
                              f"{self.patch_size}")
@@ -96,6 +103,19 @@ class VitArch:
 # ----------------------------------------------------------------------------- modules
 
 
+def patches_of(x: Tensor, patch_size: int, keep: Tensor | None = None) -> Tensor:
+    """[B, C, H, W] -> [B, k, C, p, p]: the image's patches row-major, or only the ``keep``
+    [B, k] ones."""
+    B, C, H, W = x.shape
+    p = patch_size
+    g = H // p
+    patches = x.reshape(B, C, g, p, g, p).permute(0, 2, 4, 1, 3, 5)  # [B, g, g, C, p, p]
+    patches = patches.reshape(B, g * g, C, p, p)
+    if keep is None:
+        return patches
+    return patches.gather(1, keep[:, :, None, None, None].expand(-1, -1, C, p, p))
+
+
 class PatchEmbed(nn.Module):
     """timm's ``PatchEmbed``: a p×p stride-p convolution, flattened to a row-major sequence."""
 
@@ -113,12 +133,57 @@ class PatchEmbed(nn.Module):
             raise ValueError(f"expected {self.img_size}x{self.img_size} images, got {H}x{W}")
         if keep is None:
             return self.proj(x).flatten(2).transpose(1, 2)  # [B, D, g, g] -> [B, N, D]
-        # Embed only the kept patches: the conv is a linear map of each p×p patch, so cut the
-        # image into patches in the conv weight's (c, i, j) order, gather, and apply it as one.
-        p, g = self.patch_size, self.grid
-        patches = x.reshape(B, C, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(B, g * g, C * p * p)
-        patches = patches.gather(1, keep.unsqueeze(-1).expand(-1, -1, C * p * p))  # [B, k, C·p²]
+        # Embed only the kept patches: the conv is a linear map of each p×p patch, flattened
+        # in the conv weight's (c, i, j) order, so gather the patches and apply it as one.
+        patches = patches_of(x, self.patch_size, keep).flatten(2)  # [B, k, C·p²]
         return F.linear(patches, self.proj.weight.flatten(1), self.proj.bias)  # [B, k, D]
+
+
+class PatchConvEmbed(nn.Module):
+    """A CNN inside each patch, then a linear map to the width: no pixel outside a patch
+    reaches its embedding (every convolution zero-pads at the patch border).
+
+    Layout = the judge's half-resolution stage (``pipeline.models.judge``), so its trained
+    layers can be copied in (BatchNorm folded into the biases):
+
+        patch [C, p, p] -> 4x4/2 conv w -> 3x3 w -> 3x3 2w -> 3x3 2w (ReLU after each)
+              -> [2w, p/2, p/2] -> flatten -> linear -> [D]
+    """
+
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, dim: int, width: int) -> None:
+        super().__init__()
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.grid = img_size // patch_size
+        w = width
+        self.convs = nn.Sequential(
+            nn.Conv2d(in_chans, w, 4, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(w, w, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.ReLU(),
+        )
+        self.proj = nn.Linear(2 * w * (patch_size // 2) ** 2, dim)
+
+    def conv_layers(self) -> list[nn.Conv2d]:
+        return [m for m in self.convs if isinstance(m, nn.Conv2d)]
+
+    def forward(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
+        """x: [B, C, H, W] -> [B, N, D]; with ``keep`` [B, k] -> [B, k, D] (only kept patches)."""
+        B, C, H, W = x.shape
+        if H != self.img_size or W != self.img_size:
+            raise ValueError(f"expected {self.img_size}x{self.img_size} images, got {H}x{W}")
+        patches = patches_of(x, self.patch_size, keep)  # [B, k, C, p, p]
+        k, p = patches.shape[1], self.patch_size
+        feats = self.convs(patches.reshape(B * k, C, p, p))  # [B·k, 2w, p/2, p/2]
+        return self.proj(feats.flatten(1)).reshape(B, k, -1)
+
+
+
+def conv_stem_flops(arch: VitArch) -> float:
+    """FLOPs (2 per multiply-accumulate) of :class:`PatchConvEmbed` on one patch."""
+    w, side = arch.stem_width, arch.patch_size // 2  # every conv runs at half the patch side
+    macs = side * side * (16 * arch.in_chans * w + 9 * w * w + 9 * w * 2 * w + 9 * 2 * w * 2 * w)
+    return 2.0 * (macs + 2 * w * side * side * arch.dim)
 
 
 class VisionTransformer(nn.Module):
@@ -128,7 +193,11 @@ class VisionTransformer(nn.Module):
         super().__init__()
         self.arch = arch
         D = arch.dim
-        self.patch_embed = PatchEmbed(arch.img_size, arch.patch_size, arch.in_chans, D)
+        if arch.stem == "conv":
+            self.patch_embed: nn.Module = PatchConvEmbed(arch.img_size, arch.patch_size,
+                                                         arch.in_chans, D, arch.stem_width)
+        else:
+            self.patch_embed = PatchEmbed(arch.img_size, arch.patch_size, arch.in_chans, D)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))  # [1, 1, D]
         self.pos_embed = nn.Parameter(torch.zeros(1, NUM_PREFIX_TOKENS + arch.num_patches, D))
         self.blocks = nn.Sequential(*[
@@ -144,9 +213,14 @@ class VisionTransformer(nn.Module):
         trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
         self.apply(init_vit_weights)
-        w = self.patch_embed.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.patch_embed.proj.bias)
+        if isinstance(self.patch_embed, PatchEmbed):
+            w = self.patch_embed.proj.weight
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+            nn.init.zeros_(self.patch_embed.proj.bias)
+        else:
+            for conv in self.patch_embed.conv_layers():  # He init for the ReLU stack
+                nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+                nn.init.zeros_(conv.bias)
 
     def reset_head(self) -> None:
         """A fresh classifier, as fine-tuning on another label set does."""
@@ -172,22 +246,34 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"keep must name 1..{self.num_patches} patches per image, got {k}")
 
     def embed(self, images: Tensor, keep: Tensor | None = None) -> Tensor:
-        """images [B, C, H, W] -> the token sequence the blocks see: [B, 1 + k, D].
-
-        Positional embeddings are added to every patch before the drop, so the kept ones
-        carry their grid position (the drop is a gather, not a mask token).
-        """
-        B = images.shape[0]
-        if keep is None:
-            x = self.patch_embed(images) + self.pos_embed[:, NUM_PREFIX_TOKENS:]  # [B, N, D]
-        else:
-            self.check_keep(keep, B)
+        """images [B, C, H, W] -> the token sequence the blocks see: [B, 1 + k, D]."""
+        if keep is not None:
+            self.check_keep(keep, images.shape[0])
             keep = keep.long()
-            x = self.patch_embed(images, keep)  # [B, k, D]
-            pos = self.pos_embed[0, NUM_PREFIX_TOKENS:]  # [N, D]
-            x = x + pos[keep]  # [B, k, D]
+        return self.add_positions(self.patch_embed(images, keep), keep)
+
+    def add_positions(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
+        """Patch embeddings [B, k, D] (all N row-major when ``keep`` is None, else those of
+        ``keep`` [B, k]) -> [B, 1 + k, D] with positions and the [cls] token.
+
+        Positional embeddings are added to every kept patch before the blocks, so the kept
+        ones carry their grid position (the drop is a gather, not a mask token).
+        """
+        B = x.shape[0]
+        if keep is None:
+            x = x + self.pos_embed[:, NUM_PREFIX_TOKENS:]  # [B, N, D]
+        else:
+            x = x + self.pos_embed[0, NUM_PREFIX_TOKENS:][keep.long()]  # [B, k, D]
         cls = (self.cls_token + self.pos_embed[:, :NUM_PREFIX_TOKENS]).expand(B, -1, -1)
         return torch.cat((cls, x), dim=1)  # [B, 1 + k, D]
+
+    def forward_embedded(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
+        """``forward`` from patch embeddings: [B, k, D] of the patches ``keep`` [B, k] (or all
+        N) -> logits. Each patch's embedding depends on that patch alone (both stems), so an
+        evaluation that drops patches many ways embeds the image once and gathers."""
+        if keep is not None:
+            self.check_keep(keep, x.shape[0])
+        return self.forward_head(self.norm(self.blocks(self.add_positions(x, keep))))
 
     def forward_features(self, images: Tensor, keep: Tensor | None = None) -> Tensor:
         """images [B, C, H, W] in [-1, 1] -> the normalised sequence [B, 1 + k, D]."""
@@ -209,12 +295,14 @@ class VisionTransformer(nn.Module):
 def vit_forward_flops(arch: VitArch, kept: int) -> float:
     """FLOPs (2 per multiply-accumulate) of one image's forward pass with ``kept`` patches.
 
-    Patch embedding of the kept patches, the blocks over 1 + kept tokens (linear and
+    Patch embedding of the kept patches (the conv stem's layers included), the blocks over 1 + kept tokens (linear and
     attention terms, ``layers.attention_flops``) and the head; LayerNorms, softmax and GELU
     are left out (they are linear in the tokens and small).
     """
-    p2c = arch.in_chans * arch.patch_size ** 2
-    embed = 2.0 * kept * p2c * arch.dim
+    if arch.stem == "conv":
+        embed = kept * conv_stem_flops(arch)
+    else:
+        embed = 2.0 * kept * arch.in_chans * arch.patch_size ** 2 * arch.dim
     blocks = attention_flops(NUM_PREFIX_TOKENS + kept, arch.dim, arch.depth, arch.mlp_ratio)
     head = 2.0 * arch.dim * arch.num_classes
     return embed + blocks + head
@@ -388,7 +476,8 @@ def load_pretrained(model: VisionTransformer, source: str | Path | Mapping[str, 
 
 
 __all__ = [
-    "DROPPED_PREFIXES", "LoadReport", "NUM_PREFIX_TOKENS", "PatchEmbed", "PretrainedMismatchError",
-    "VIT_B16", "VisionTransformer", "VitArch", "load_pretrained", "read_state_dict",
-    "resample_pos_embed", "timm_key_map", "vit_forward_flops",
+    "DROPPED_PREFIXES", "LoadReport", "NUM_PREFIX_TOKENS", "PatchConvEmbed", "PatchEmbed",
+    "PretrainedMismatchError", "STEMS", "VIT_B16", "VisionTransformer", "VitArch",
+    "conv_stem_flops", "load_pretrained", "patches_of", "read_state_dict", "resample_pos_embed",
+    "timm_key_map", "vit_forward_flops",
 ]

@@ -10,6 +10,9 @@ Variants (Tab. 5). Three models are trained, four rows are tested:
     RViT    rvit (random drops in training)     random patches
     CViT    cvit (collapse drops in training)   lowest-ranked patches
 
+and the cheap competitor: ``cvit_pss``, trained and tested keeping first the patches whose
+latent tokens have the largest L1 norm (PSS's embedding-norm order; no CoMAE, no PageRank).
+
 Dropping keeps the *first* k patches of an order: for collapse drops the collapse order
 (rank 0 = the most relied-upon patch first), for random drops a random permutation, so in
 both cases the kept set at a higher mask ratio is a subset of the one at a lower ratio.
@@ -46,13 +49,15 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from pipeline.config import VARIANTS, Params
-from pipeline.models.vit import VisionTransformer, VitArch, load_pretrained
+from pipeline.models.vit import PatchConvEmbed, VisionTransformer, VitArch, load_pretrained
+from pipeline.orders.baselines import token_l1_scores
+from pipeline.orders.pagerank import collapse_order
 from pipeline.train.checkpoint import load_run, load_trained
 from pipeline.train.trainer import StepContext, TrainTask
 from pipeline.utils.images import images_to_input
 from pipeline.utils.io import read_json, sha256_file, sha256_json
 
-TRAIN_DROP = {"vit": "none", "rvit": "random", "cvit": "collapse"}
+TRAIN_DROP = {"vit": "none", "rvit": "random", "cvit": "collapse", "cvit_pss": "token_l1"}
 # Tab. 5 row -> (trained variant, drop at test)
 ROWS: dict[str, tuple[str, str]] = {
     "ViT": ("vit", "random"),
@@ -162,7 +167,8 @@ class CvitImageDataset(Dataset):
     """
 
     def __init__(self, images: Any, orders: Any | None = None, *, check_orders: Any | None = None,
-                 random_seed: int | None = None) -> None:
+                 random_seed: int | None = None,
+                 order_tables: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         self.images = images
         self.orders = orders
         ref = orders if orders is not None else check_orders
@@ -177,6 +183,11 @@ class CvitImageDataset(Dataset):
         self._order = self._order_flip = None
         if orders is not None:
             self._order, self._order_flip = self._preload(orders, self._rows)
+        elif order_tables is not None:  # another order of every image, e.g. PSS's token norm
+            self._order, self._order_flip = (np.asarray(t) for t in order_tables)
+            if self._order.shape[0] != len(images) or self._order_flip.shape != self._order.shape:
+                raise ValueError(f"order tables {self._order.shape} / {self._order_flip.shape} do "
+                                 f"not cover the {len(images)} images")
 
     @staticmethod
     def _preload(orders: Any, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -251,7 +262,7 @@ class CvitTask(TrainTask):
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         k = num_keep(ratio, N)
         keep: Tensor | None = None
-        if self.drop == "collapse":
+        if self.drop in ("collapse", "token_l1"):
             order = torch.where(flip[:, None], batch["order_flip"], batch["order"])  # [b, N]
             keep = keep_first(order, k)
         elif self.drop == "random":
@@ -269,7 +280,8 @@ def vit_arch(params: Params, crop_size: int, grid: int, num_classes: int) -> Vit
     """The ViT of ``cvit.model.dim/depth/heads/mlp_ratio`` on the latent grid."""
     cfg = params.cvit.model
     return VitArch.for_grid(crop_size, grid, num_classes, dim=cfg.dim, depth=cfg.depth,
-                            heads=cfg.heads, mlp_ratio=cfg.mlp_ratio)
+                            heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, stem=cfg.stem,
+                            stem_width=cfg.stem_width)
 
 
 def published_record(params: Params) -> dict[str, Any]:
@@ -326,6 +338,31 @@ def start_weights(model: VisionTransformer, pretrain_dir: str | Path, params: Pa
             "pretrained_sha256": sha256_file(weights)}
 
 
+def freeze_stem(model: VisionTransformer) -> None:
+    """Keep the loaded stem as it is (the trainer optimises only what needs grad): a conv
+    stem's convolutions (the judge's layers; the projection to the width still learns), or
+    the whole linear patch embedding (published weights)."""
+    stem = model.patch_embed
+    (stem.convs if isinstance(stem, PatchConvEmbed) else stem).requires_grad_(False)
+
+
+def token_l1_orders(store: Any, keys: list[str], flip: bool = False, chunk: int = 1024) -> np.ndarray:
+    """int64 [len(keys), N]: each image's tokens by descending L1 norm (PSS's order), read from
+    the latent ``store`` a chunk at a time (a whole ImageNet split never sits in memory as
+    latents); ``flip``: of the horizontally flipped image."""
+    row_of = {k: i for i, k in enumerate(store.keys)}
+    missing = [k for k in keys if k not in row_of]
+    if missing:
+        raise ValueError(f"{len(missing)} images have no latents in {getattr(store, 'path', store)} "
+                         f"(first: {missing[0]}): re-run extract_latents")
+    rows = np.asarray([row_of[k] for k in keys])
+    out = []
+    for s in range(0, len(rows), chunk):
+        grids = store.tokens(rows[s:s + chunk], flip=flip)  # [b, D, h, w]
+        out.append(collapse_order(token_l1_scores(grids.flatten(2).transpose(1, 2).numpy())))
+    return np.concatenate(out).astype(np.int64) if out else np.zeros((0, store.num_tokens), np.int64)
+
+
 def run_name(variant: str, seed: int) -> str:
     """A fine-tuning run's folder and file stem: ``cvit_s1`` (data/cvit/cvit_s1,
     data/metrics/cvit_train_cvit_s1.json); dvc.yaml's train_cvit matrix spells the same."""
@@ -351,6 +388,9 @@ def build_vit(params: Params, crop_size: int, grid: int, num_classes: int,
     torch.manual_seed(params.seed)
     model = VisionTransformer(vit_arch(params, crop_size, grid, num_classes))
     info = start_weights(model, pretrain_dir, params)
+    if params.cvit.model.freeze_stem:
+        freeze_stem(model)
+    info["frozen_stem"] = params.cvit.model.freeze_stem
     print(f"[cvit] starts from {info['start']} weights {info['pretrained']}"
           + (f": {info['summary']}" if info.get("summary") else ""), flush=True)
     return model, info
@@ -368,8 +408,8 @@ def load_cvit(directory: str | Path, prefer_ema: bool = True) -> tuple[VisionTra
 
 __all__ = [
     "CvitImageDataset", "CvitTask", "OrdersMismatchError", "PRETRAIN_KIND", "PUBLISHED_RECORD",
-    "ROWS", "TRAIN_DROP", "VARIANTS", "build_vit", "check_orders_match_images",
+    "ROWS", "TRAIN_DROP", "VARIANTS", "build_vit", "check_orders_match_images", "freeze_stem",
     "cosine_mask_ratio", "keep_first", "load_cvit", "num_keep",
     "orders_tokenizer_fingerprint", "published_record", "random_order", "run_name", "run_params",
-    "start_weights", "vit_arch",
+    "start_weights", "token_l1_orders", "vit_arch",
 ]

@@ -43,12 +43,12 @@ from pipeline.metrics.curves import auc, kneedle, topk_hits
 from pipeline.metrics.intervals import resample_weights, seed_mean_interval
 from pipeline.models.vit import VisionTransformer, vit_forward_flops
 from pipeline.orders.baselines import (
-    centre_scores, fixed_scores, halton_scores, pixel_variance_scores, token_l1_scores,
+    centre_scores, fixed_scores, halton_scores, pixel_variance_scores,
 )
 from pipeline.orders.pagerank import collapse_order
 from pipeline.tasks.cvit import (
     ROWS, OrdersMismatchError, keep_first, num_keep, orders_tokenizer_fingerprint,
-    random_order,
+    random_order, token_l1_orders,
 )
 from pipeline.utils.device import autocast
 from pipeline.utils.images import images_to_input
@@ -62,11 +62,15 @@ CONTROLS: dict[str, tuple[str, str]] = {
     "CViT-pss": ("cvit", "token_l1"),
     "CViT-halton": ("cvit", "halton"),
     "CViT-other": ("cvit", "other"),
+    # the cheap competitor trained on its own order, and with another image's
+    "CViT[pss]": ("cvit_pss", "token_l1"),
+    "CViT[pss]-other": ("cvit_pss", "token_l1_other"),
 }
 ALL_ROWS: dict[str, tuple[str, str]] = {**ROWS, **CONTROLS}
 # paired differences (same images, same seeds) reported with their intervals; the first is
 # the claim under test: the image's own collapse order against another image's
-CONTRASTS = (("CViT", "CViT-other"), ("CViT", "CViT-fixed"), ("CViT", "CViT-pss"), ("CViT", "RViT"),
+CONTRASTS = (("CViT", "CViT-other"), ("CViT", "CViT-fixed"), ("CViT", "CViT-pss"),
+             ("CViT", "CViT[pss]"), ("CViT[pss]", "CViT[pss]-other"), ("CViT", "RViT"),
              ("CViT", "ViT+C"), ("ViT+C", "ViT"))
 
 
@@ -160,23 +164,8 @@ class EvalOrders:
                                                  random_draw_seed(self.run_seed, r)) for i in idx])
                        for r in range(self.draws)],
             "token_l1": [torch.from_numpy(self.token_l1[idx])],
+            "token_l1_other": [torch.from_numpy(self.token_l1[self.other_of[idx]])],
         }
-
-
-def token_l1_orders(store: Any, keys: list[str], chunk: int = 1024) -> np.ndarray:
-    """int64 [len(keys), N]: each image's tokens by descending L1 norm (PSS's order), read from
-    the latent ``store`` a chunk at a time (a whole ImageNet val split never sits in memory)."""
-    row_of = {k: i for i, k in enumerate(store.keys)}
-    missing = [k for k in keys if k not in row_of]
-    if missing:
-        raise ValueError(f"{len(missing)} images have no latents in {getattr(store, 'path', store)} "
-                         f"(first: {missing[0]}): re-run extract_latents")
-    rows = np.asarray([row_of[k] for k in keys])
-    out = []
-    for s in range(0, len(rows), chunk):
-        grids = store.tokens(rows[s:s + chunk])  # [b, D, h, w]
-        out.append(collapse_order(token_l1_scores(grids.flatten(2).transpose(1, 2).numpy())))
-    return np.concatenate(out).astype(np.int64)
 
 
 @torch.inference_mode()
@@ -195,14 +184,22 @@ def evaluate_rows(models: dict[str, VisionTransformer], loader: Iterable[dict[st
         x = images_to_input(batch["image"]).to(device)
         labels = batch["label"].to(device)
         drops = orders.for_batch(batch)
+        # each model embeds the batch once: a patch's embedding is its own (no stem looks
+        # across patches), so every drop below is a gather of these
+        with autocast(device, amp_dtype):
+            tokens = {v: models[v].patch_embed(x) for v in {v for v, _ in rows.values()}}  # [B, N, D]
         for row, (variant, drop) in rows.items():
             model = models[variant]
             got = np.zeros((2, len(labels), len(ratios)))
             for j, ratio in enumerate(ratios):
                 k = num_keep(ratio, model.num_patches)
                 for order in drops[drop]:
+                    keep = keep_first(order.to(device), k)
+                    t = tokens[variant]
+                    if keep is not None:
+                        t = t.gather(1, keep[:, :, None].expand(-1, -1, t.shape[-1]))  # [B, k, D]
                     with autocast(device, amp_dtype):
-                        logits = model(x, keep_first(order.to(device), k))
+                        logits = model.forward_embedded(t, keep)
                     h = topk_hits(logits.float(), labels, ks=(1, 5))
                     got[0, :, j] += h[1].cpu().numpy()
                     got[1, :, j] += h[5].cpu().numpy()

@@ -27,7 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.models.vit import VisionTransformer
+from pipeline.models.judge import ConvJudge
+from pipeline.models.layers import fold_batchnorm
+from pipeline.models.vit import PatchConvEmbed, VisionTransformer
 from pipeline.tasks.cvit import PRETRAIN_KIND
 from pipeline.tasks.judge import augment
 from pipeline.train.trainer import StepContext, TrainTask
@@ -74,6 +76,33 @@ class VitDistillTask(TrainTask):
 
 
 @torch.no_grad()
+def load_judge_stem(model: VisionTransformer, judge: ConvJudge) -> int:
+    """Copy the judge's half-resolution layers (stem conv and three 3x3 conv-BN-ReLU) into the
+    ViT's conv stem, BatchNorm folded into the biases; returns the layers copied.
+
+    Applied inside each patch, they see zero padding at the patch border where the judge saw
+    the neighbouring pixels; the linear projection after them is trained."""
+    stem = model.patch_embed
+    if not isinstance(stem, PatchConvEmbed):
+        raise ValueError("cvit.pretrain.stem_from_judge needs cvit.model.stem=conv "
+                         f"(the ViT has {type(stem).__name__})")
+    if model.arch.stem_width != judge.arch.width:
+        raise ValueError(f"cvit.model.stem_width={model.arch.stem_width} must equal the judge's "
+                         f"width {judge.arch.width} to copy its layers")
+    convs = [m for m in judge.body.modules() if isinstance(m, nn.Conv2d)]
+    norms = [m for m in judge.body.modules() if isinstance(m, nn.BatchNorm2d)]
+    mine = stem.conv_layers()
+    for dst, conv, bn in zip(mine, convs, norms):
+        if dst.weight.shape != conv.weight.shape:
+            raise ValueError(f"judge layer {tuple(conv.weight.shape)} does not fit the stem's "
+                             f"{tuple(dst.weight.shape)}")
+        w, b = fold_batchnorm(conv, bn)
+        dst.weight.copy_(w)
+        dst.bias.copy_(b)
+    return len(mine)
+
+
+@torch.no_grad()
 def top1(model: nn.Module, images: Any, batch: int = 256, limit: int | None = None) -> float:
     """Top-1 (fraction) of ``model`` on full, unaugmented images of a prepared set."""
     n = len(images) if limit is None else min(limit, len(images))
@@ -103,4 +132,4 @@ class ImageCache:
         return self._pixels[i]
 
 
-__all__ = ["ImageCache", "VitDistillTask", "distill_loss", "top1"]
+__all__ = ["ImageCache", "VitDistillTask", "distill_loss", "load_judge_stem", "top1"]
