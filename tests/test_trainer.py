@@ -219,3 +219,19 @@ def test_two_process_ddp_matches_one_process(tmp_path, alternate):
         # a 4-8-1 net, sums of 4 rows per rank: rounding ~1e-7, and no gradient entry here sits at
         # rounding level for AdamW to flip (see the DDP notes in test_comae.py); passes on AVX2 and AVX-512
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoint_with_other_frozen_weights_starts_over(tmp_path, capsys):
+    """Freezing weights changes the optimiser's groups: the old state cannot load into them."""
+    def fit(task):
+        out = Trainer(task, toy_data(), cfg(steps=4), tmp_path).fit()
+        return out, capsys.readouterr().out
+
+    fit(ToyTask())
+    frozen = ToyTask()
+    frozen.model[0].requires_grad_(False)  # same config, fewer weights train
+    out, printed = fit(frozen)
+    assert out["steps_this_run"] == 4 and "starting over" in printed and "frozen" in printed
+    before = frozen.model[0].weight.detach().clone()
+    out, printed = fit(frozen)  # same again: nothing to do
+    assert out["steps_this_run"] == 0 and torch.equal(frozen.model[0].weight, before)

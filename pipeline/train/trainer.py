@@ -188,8 +188,14 @@ class Trainer:
 
     def _meta(self) -> dict[str, Any]:
         train = params_dict(self.cfg)
-        return {"task": self.task.config(), "train": {k: train[k] for k in _RESUME_KEYS},
+        meta = {"task": self.task.config(), "train": {k: train[k] for k in _RESUME_KEYS},
                 "inputs": self.inputs}
+        # which weights train decides the optimiser's groups: a checkpoint made with others
+        # cannot resume (recorded only when some are frozen, so older checkpoints still match)
+        frozen = [n for n, p in self.task.model.named_parameters() if not p.requires_grad]
+        if frozen:
+            meta["frozen"] = frozen
+        return meta
 
     def _resume(self, model: nn.Module, opts: dict[str, torch.optim.Optimizer], ema: EMA | None,
                 epoch_meter: _MeanMeter) -> int:
