@@ -35,36 +35,12 @@ from pipeline.orders.export import to_sequences
 from pipeline.orders.report import mean_scores, report_keys
 from pipeline.orders.shards import CollapseOrders
 from pipeline.tasks.cmar import build_cmar
+from pipeline.tasks.cmar_eval import hidden_loss_fn as mar_loss_fn
 from pipeline.tasks.critic import load_critic
 from pipeline.tasks.order_scores import build_orders, nll_fn
 
 ORDERS = ("random", "halton", "token_l1", "token_saliency", "pixel_variance", "fixed",
           "collapse", "collapse_asc", "confidence", "greedy")
-
-
-def mar_loss_fn(mar: MAR, labels: torch.Tensor, t: torch.Tensor, noise: torch.Tensor):
-    """``fn(tokens [B, N, D], revealed [B, N]) -> [B, N]``: MAR's diffusion loss of every token
-    given the revealed ones, averaged over the fixed draws ``t`` [B, draws, N] and ``noise``
-    [B, draws, N, D] of these B rows (``labels`` [B])."""
-    draws, N, D = t.shape[1], mar.seq_len, mar.token_embed_dim
-
-    @torch.no_grad()
-    def fn(x: torch.Tensor, revealed: torch.Tensor) -> torch.Tensor:
-        B = len(x)
-        hidden = ~revealed
-        if hidden.sum(1).min() == 0:
-            raise ValueError("MAR scores hidden tokens: every row needs one at least")
-        # MAR's encoder drops the masked tokens and needs the same count per row: it is (every
-        # order hides N - k at reveal count k)
-        enc = mar.forward_mae_encoder(x, hidden, mar.class_embedding(labels))
-        z = mar.forward_mae_decoder(enc, hidden)  # [B, N, Dd]
-        zz = z.unsqueeze(1).expand(B, draws, N, z.shape[-1]).reshape(-1, z.shape[-1])
-        target = x.unsqueeze(1).expand(B, draws, N, D).reshape(-1, D)
-        loss = mar.diffloss.train_diffusion.training_losses(
-            mar.diffloss.net, target.float(), t.reshape(-1), noise.reshape(-1, D), c=zz)["loss"]
-        return loss.reshape(B, draws, N).mean(1)
-
-    return fn
 
 
 def main() -> None:

@@ -15,6 +15,11 @@ recall and neighbour colour correlation (bootstrap interval): :mod:`pipeline.met
 With ``cmar.sample.inception_weights`` every row and control also gets FID/IS (Tab. 2: CMAR,
 MAR, MAR+C). ``cmar.sample.samples_per_class`` sets the sample count (the paper's FID: 50).
 
+The paper's teaser (``cmar.sample.teaser_images`` val images; :func:`pipeline.tasks.cmar_eval.teaser`):
+as MAR (random order), MAR+C, CMAR and CMAR ascending generate in their orders, real tokens
+stand in for generated ones and each model's diffusion loss of the tokens not yet generated is
+recorded per reveal count, with paired intervals against MAR in random order (``teaser``).
+
 Rows are generated, decoded and measured a batch at a time (:func:`pipeline.tasks.cmar_eval.measure`):
 memory holds features and a few pictures per class, never a row's images.
 
@@ -44,7 +49,7 @@ from pipeline.tasks.cmar_eval import (COMPARISONS, PICTURE_PER_CLASS, InceptionR
                                       check_eval_inputs, decoded_batches, format_rows, headline,
                                       in_batches, inception_metrics, inception_reference, measure,
                                       plot_samples, sample_batches, sampling_dtype,
-                                      split_val)
+                                      split_val, teaser, format_teaser)
 from pipeline.tasks.judge import judge_outputs, load_judge
 from pipeline.tokenizers import latents_tokenizer
 from pipeline.utils.device import pick_device
@@ -106,6 +111,15 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
         save_png(out.samples / safe_name(name) / "grid.png", image_grid(m.pictures, PICTURE_PER_CLASS))
         print(f"[eval_cmar] {name}: {len(labels)} samples in {seconds:.0f} s", flush=True)
 
+    told = None
+    if sample.teaser_images:  # evenly spaced val images, real tokens in each model's order
+        n = min(sample.teaser_images, len(val_store))
+        picked = np.unique(np.linspace(0, len(val_store) - 1, n).round().astype(np.int64))
+        tokens = val_store.tokens(picked).flatten(2).transpose(1, 2).float()  # [M, N, D]
+        told = teaser(models, tokens, np.asarray(val_store.labels)[picked], orders.class_orders,
+                      params.seed)
+        print(format_teaser(told), flush=True)
+
     head = next(n for n, v, o in COMPARISONS if v == "cmar" and o == sample.sample_order)
     plot_samples(out.figure, blocks, classes, per_class=min(4, sample.samples_per_class))
     report = {"rows": rows, "headline_row": head, "chance": 1 / len(classes),
@@ -114,7 +128,8 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
               "inception_reference": None if ref is None else (
                   str(sample.reference_batch) if sample.reference_batch else "real val images"),
               "feature_space": "judge CNN pooled features (data/judge); fd is not an FID",
-              "params": {"sample": params_dict(sample)}, "models": trained, "classes": classes}
+              "params": {"sample": params_dict(sample)}, "models": trained, "classes": classes,
+              "teaser": told}
     atomic_write_json(out.report, report)
     atomic_write_json(out.metrics, headline(rows, head))
     print(format_rows(rows, 1 / len(classes)), flush=True)

@@ -119,7 +119,7 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
     plot_fig8(out.figure, summary["rows"], ratios,
               f"{len(dataset)} val images, seeds {list(cfg.seeds)}: mean, 95% bootstrap interval\n"
               f"ViT {arch.dim}x{arch.depth}, {arch.grid}x{arch.grid} patches of {arch.patch_size}px; "
-              "dashed: the CViT model with other orders", chance=100.0 / len(images.classes))
+              "dashed: controls (CViT with other orders; CViT[pss] trained on PSS)", chance=100.0 / len(images.classes))
     plot_order_quality(out.quality, quality, f"does a faster-collapsing order give a better CViT? "
                        f"{len(dataset)} val images, seeds {list(cfg.seeds)}")
 

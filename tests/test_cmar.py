@@ -245,3 +245,32 @@ def test_pretrain_mar_with_published_weights_writes_every_declared_output(tmp_pa
     missing = [str(p) for p in vars(outputs("pretrain_mar", tmp_path / "data")).values() if not p.exists()]
     assert not missing, missing
 
+
+
+def test_teaser_scores_each_model_in_its_generation_order():
+    from pipeline.tasks.cmar_eval import TEASER, format_teaser, teaser
+
+    torch.manual_seed(0)
+    models = {"mar": build_mar(cmar_cfg(), GRID, DIM, C).eval(),
+              "cmar": build_mar(cmar_cfg(), GRID, DIM, C).eval()}
+    with torch.no_grad():  # the arch seeds its own init: make CMAR's weights differ from MAR's
+        for p in models["cmar"].parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    models["cmar_asc"] = models["cmar"]
+    M, N = 6, GRID * GRID
+    tokens = torch.randn(M, N, DIM)
+    labels = np.arange(M) % C
+    class_orders = np.stack([np.random.default_rng(c).permutation(N) for c in range(C)])
+    t = teaser(models, tokens, labels, class_orders, seed=0, resamples=100)
+    rows = t["rows"]
+    assert list(rows) == [name for name, _, _ in TEASER] and t["images"] == M
+    base = rows["MAR, random order"]
+    assert base["d_vs_mar_random"] == 0.0 and len(base["curve"]) == len(t["reveal_counts"])
+    # nothing revealed: the same model and the same diffusion draws give the same loss in any order
+    assert t["reveal_counts"][0] == 0
+    assert rows["MAR, class order (MAR+C)"]["curve"][0] == base["curve"][0]
+    assert rows["CMAR ascending, class order"]["curve"][0] == rows["CMAR, class order"]["curve"][0]
+    # ... and other weights give another loss; with tokens revealed the order matters
+    assert rows["CMAR, class order"]["curve"][0] != base["curve"][0]
+    assert rows["CMAR ascending, class order"]["area"] != rows["CMAR, class order"]["area"]
+    assert "MAR+C" in format_teaser(t)

@@ -168,6 +168,9 @@ class CmarSampleConfig(Section):
     temperature: float = Field(1.0, gt=0, le=5.0)
     samples_per_class: int = Field(16, ge=1)
     eval_batch_size: int = Field(32, ge=1)
+    teaser_images: int = Field(
+        128, ge=0, description="val images of the paper's teaser: each model's diffusion loss of "
+        "the tokens not yet generated, revealing real tokens in its generation order (0: off)")
     inception_weights: str | None = Field(
         None, description="pt_inception-2015-12-05 weights (.pth); enables FID/IS")
     reference_batch: str | None = Field(

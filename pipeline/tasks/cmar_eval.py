@@ -24,7 +24,9 @@ import torch
 from pipeline.config import CmarSampleConfig
 from pipeline.metrics.fid import (feature_stats, frechet_distance, inception_features,
                                   inception_score, precision_recall, read_reference_batch)
+from pipeline.metrics.collapse import collapse_curves, curve_area, reveal_grid
 from pipeline.metrics.generation import patch_means
+from pipeline.metrics.intervals import resample_weights
 from pipeline.models.mar import MAR
 from pipeline.tasks.cmar import generate, sampling_orders
 from pipeline.tasks.judge import judge_outputs
@@ -275,6 +277,95 @@ def inception_metrics(m: Measured, ref: InceptionReference | None) -> dict[str, 
     return out
 
 
-__all__ = ["COMPARISONS", "InceptionReference", "Measured", "check_eval_inputs", "decoded_batches",
+# ----------------------------------------------------------------------------- the paper's teaser
+
+# (row, model, the order it generates in): the teaser's question is whether a model
+# generating in collapse order leaves less uncertainty in what it has not generated yet
+TEASER: tuple[tuple[str, str, str], ...] = (
+    ("MAR, random order", "mar", "random"),
+    ("MAR, class order (MAR+C)", "mar", "class"),
+    ("CMAR, class order", "cmar", "class"),
+    ("CMAR ascending, class order", "cmar_asc", "class_ascending"),
+)
+TEASER_POINTS = 16  # reveal counts 0, N/16, ... (+ 22% and 50%), as score_orders uses
+TEASER_DRAWS = 4  # diffusion (t, noise) draws per token: the loss of one draw is noisy
+
+
+def hidden_loss_fn(mar: MAR, labels: torch.Tensor, t: torch.Tensor, noise: torch.Tensor):
+    """``fn(tokens [B, N, D], revealed [B, N]) -> [B, N]``: MAR's diffusion loss of every token
+    given the revealed ones (its training loss, without the mask), averaged over the fixed
+    draws ``t`` [B, draws, N] and ``noise`` [B, draws, N, D] of these B rows (``labels`` [B]).
+    The same draws for every order and reveal count, so orders compare on the same noise."""
+    draws, N, D = t.shape[1], mar.seq_len, mar.token_embed_dim
+
+    @torch.no_grad()
+    def fn(x: torch.Tensor, revealed: torch.Tensor) -> torch.Tensor:
+        B = len(x)
+        hidden = ~revealed
+        # MAR's encoder drops the masked tokens and needs the same count per row: every
+        # order hides N - k at reveal count k
+        enc = mar.forward_mae_encoder(x, hidden, mar.class_embedding(labels))
+        z = mar.forward_mae_decoder(enc, hidden)  # [B, N, Dd]
+        zz = z.unsqueeze(1).expand(B, draws, N, z.shape[-1]).reshape(-1, z.shape[-1])
+        target = x.unsqueeze(1).expand(B, draws, N, D).reshape(-1, D)
+        loss = mar.diffloss.train_diffusion.training_losses(
+            mar.diffloss.net, target.float(), t.reshape(-1), noise.reshape(-1, D), c=zz)["loss"]
+        return loss.reshape(B, draws, N).mean(1)
+
+    return fn
+
+
+@torch.no_grad()
+def teaser(models: dict[str, MAR], tokens: torch.Tensor, labels: np.ndarray, class_orders: np.ndarray,
+           seed: int, resamples: int = 1000, batch: int = 64) -> dict[str, Any]:
+    """The paper's teaser with real tokens in place of generated ones: as each model of
+    :data:`TEASER` generates in its order, the mean diffusion loss of the tokens not yet
+    generated, per reveal count (``curve``) and its mean over the grid (``area``); paired 95%
+    bootstrap over images of each row minus MAR in random order. tokens [M, N, D] (scaled as
+    the models were trained), labels [M], class_orders [C, N] (collapse rank 0 first)."""
+    M, N, D = tokens.shape
+    ks = reveal_grid(N, TEASER_POINTS)
+    gen = torch.Generator().manual_seed(seed)
+    num_t = next(iter(models.values())).diffloss.train_diffusion.num_timesteps
+    t = torch.randint(0, num_t, (M, TEASER_DRAWS, N), generator=gen)
+    noise = torch.randn(M, TEASER_DRAWS, N, D, generator=gen)
+    cls = torch.from_numpy(np.asarray(class_orders, np.int64)[np.asarray(labels)])
+    orders = {"random": torch.rand((M, N), generator=gen).argsort(dim=1), "class": cls,
+              "class_ascending": cls.flip(1)}
+    y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    areas, rows = {}, {}
+    for name, variant, order in TEASER:
+        mar = models[variant].eval()
+        dev = next(mar.parameters()).device
+        curves = np.concatenate([
+            collapse_curves(hidden_loss_fn(mar, y[s:e].to(dev), t[s:e].to(dev), noise[s:e].to(dev)),
+                            tokens[s:e].to(dev), orders[order][s:e], ks, batch)
+            for s, e in ((s, min(s + batch, M)) for s in range(0, M, batch))])
+        areas[name] = curve_area(curves, ks)
+        rows[name] = {"model": variant, "order": order, "area": float(areas[name].mean()),
+                      "curve": curves.mean(0).round(5).tolist()}
+    base = areas[TEASER[0][0]]
+    w = resample_weights(M, resamples, seed)
+    for name, r in rows.items():
+        d = areas[name] - base
+        lo, hi = np.percentile(w @ d, [2.5, 97.5])
+        r.update(d_vs_mar_random=float(d.mean()), d_ci=[float(lo), float(hi)])
+    return {"images": M, "reveal_counts": ks, "draws": TEASER_DRAWS, "baseline": TEASER[0][0],
+            "rows": rows}
+
+
+def format_teaser(t: dict[str, Any]) -> str:
+    lines = [f"the paper's teaser ({t['images']} val images, real tokens revealed in each model's "
+             "generation order; mean diffusion loss of the tokens not yet generated; lower = less "
+             "left to guess):",
+             f"  {'row':<30}{'area':>8}  {'d vs ' + t['baseline'] + ' [95% CI]':>40}"]
+    for name, r in t["rows"].items():
+        lo, hi = r["d_ci"]
+        lines.append(f"  {name:<30}{r['area']:>8.4f}  {r['d_vs_mar_random']:>+14.4f} [{lo:+.4f}, {hi:+.4f}]")
+    return "\n".join(lines)
+
+
+__all__ = ["COMPARISONS", "TEASER", "InceptionReference", "Measured", "check_eval_inputs", "decoded_batches",
            "format_rows", "headline", "in_batches", "inception_metrics", "inception_reference",
-           "measure", "plot_samples", "sample_batches", "sampling_dtype", "split_val"]
+           "format_teaser", "hidden_loss_fn", "measure", "plot_samples", "sample_batches",
+           "sampling_dtype", "split_val", "teaser"]
