@@ -52,6 +52,7 @@ from pipeline.config import VARIANTS, Params
 from pipeline.models.vit import PatchConvEmbed, VisionTransformer, VitArch, load_pretrained
 from pipeline.orders.baselines import token_l1_scores
 from pipeline.orders.pagerank import collapse_order
+from pipeline.orders.shards import order_dtype
 from pipeline.train.checkpoint import load_run, load_trained
 from pipeline.train.trainer import StepContext, TrainTask
 from pipeline.utils.images import images_to_input
@@ -347,20 +348,22 @@ def freeze_stem(model: VisionTransformer) -> None:
 
 
 def token_l1_orders(store: Any, keys: list[str], flip: bool = False, chunk: int = 1024) -> np.ndarray:
-    """int64 [len(keys), N]: each image's tokens by descending L1 norm (PSS's order), read from
-    the latent ``store`` a chunk at a time (a whole ImageNet split never sits in memory as
-    latents); ``flip``: of the horizontally flipped image."""
+    """[len(keys), N] in the shards' order dtype (uint8 for N <= 256, as ``order_table``: an
+    ImageNet train split's table is 0.33 GB, not 2.6 GB of int64): each image's tokens by
+    descending L1 norm (PSS's order), read from the latent ``store`` a chunk at a time (a whole
+    split never sits in memory as latents); ``flip``: of the horizontally flipped image."""
     row_of = {k: i for i, k in enumerate(store.keys)}
     missing = [k for k in keys if k not in row_of]
     if missing:
         raise ValueError(f"{len(missing)} images have no latents in {getattr(store, 'path', store)} "
                          f"(first: {missing[0]}): re-run extract_latents")
     rows = np.asarray([row_of[k] for k in keys])
+    dtype = order_dtype(store.num_tokens)
     out = []
     for s in range(0, len(rows), chunk):
         grids = store.tokens(rows[s:s + chunk], flip=flip)  # [b, D, h, w]
-        out.append(collapse_order(token_l1_scores(grids.flatten(2).transpose(1, 2).numpy())))
-    return np.concatenate(out).astype(np.int64) if out else np.zeros((0, store.num_tokens), np.int64)
+        out.append(collapse_order(token_l1_scores(grids.flatten(2).transpose(1, 2).numpy())).astype(dtype))
+    return np.concatenate(out) if out else np.zeros((0, store.num_tokens), dtype)
 
 
 def run_name(variant: str, seed: int) -> str:
