@@ -2,10 +2,11 @@
 
 For every seed s of ``cvit.seeds``, the fine-tuned models ``data/cvit/<variant>_s<s>`` are
 tested at every mask ratio of ``cvit.eval.ratios``: the four rows of Tab. 5 (ViT, ViT+C, RViT,
-CViT; see ``pipeline.tasks.cvit``) and four controls, the same CViT model keeping first the
-patches of the fixed train-mean order, the centre, the highest pixel variance, the highest
-token L1 norm (PSS; read from ``data/latents/val.zarr``), a Halton sequence, or another
-image's collapse order (``pipeline.tasks.cvit_eval``). The random rows average
+CViT; see ``pipeline.tasks.cvit``) and eight controls (``pipeline.tasks.cvit_eval.CONTROLS``):
+the same CViT model keeping first the patches of the fixed train-mean order, the centre, the
+highest pixel variance, the highest token L1 norm (PSS; read from ``data/latents/val.zarr``), a
+Halton sequence, or another image's collapse order; and the CViT trained on PSS's order
+(``cvit_pss``) tested with it and with another image's. The random rows average
 ``cvit.eval.random_draws`` random drops per image.
 
 The paper's claim in one figure: for every CViT row whose order ``score_orders`` scored
@@ -16,10 +17,13 @@ value at 22% revealed, with Spearman's rho and its bootstrap interval
 Each figure is the mean over seeds, with a 95% interval from a bootstrap over val images of
 that seed-mean (``cvit.eval.bootstrap`` resamples) and the per-seed values; paired contrasts
 (CViT against CViT-other first: the paper's claim under test) likewise. Per ratio, the FLOP
-ratio and measured wall-time ratio of a forward pass with that many patches dropped.
+ratio and measured wall-time ratio of a forward pass with that many patches dropped; and the
+honest cost of every row at 78% dropped (``order_cost``): that forward plus making its order
+(``score_orders``' per-image FLOPs, plus the tokenizer's encoder, counted here, for orders read
+from tokens), against the full ViT's forward.
 
 Writes ``data/reports/cvit.json`` (per row: curves with intervals and per-seed values, the
-Tab. 5 columns, AuC, knee; ``contrasts``; ``order_quality``; ``cost``; ``eval``), the headline
+Tab. 5 columns, AuC, knee; ``contrasts``; ``order_quality``; ``cost``; ``order_cost``; ``eval``), the headline
 ``data/metrics/cvit.json`` (:func:`headline`: AuC and top-1 at 78% dropped per row, each with
 the half-width of its interval), ``data/plots/cvit_accuracy.csv`` (mask_ratio, the seed-mean
 top-1 % of every row, then every row's interval bounds) and ``data/plots/cvit_fig8.png``.
@@ -42,10 +46,11 @@ from pipeline.orders.report import mean_scores
 from pipeline.orders.shards import CollapseOrders
 from pipeline.tasks.cvit import VARIANTS, CvitImageDataset, load_cvit, run_name, token_l1_orders
 from pipeline.tasks.cvit_eval import (ALL_ROWS, EvalOrders, accuracy_csv, check_model_fits,
-                                      evaluate_rows, format_order_quality, format_table,
-                                      measure_cost, order_quality, plot_fig8,
+                                      evaluate_rows, format_costs, format_order_quality,
+                                      format_table, measure_cost, order_costs, order_quality, plot_fig8,
                                       plot_order_quality, ratio_label, summarise)
-from pipeline.utils.device import pick_device
+from pipeline.tokenizers import latents_tokenizer
+from pipeline.utils.device import flops_of, pick_device
 from pipeline.utils.images import images_to_input
 from pipeline.utils.io import atomic_write_json, atomic_write_text, read_json
 from pipeline.utils.progress import progress
@@ -66,7 +71,7 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
     orders = CollapseOrders(data_dir / "orders" / "val")
     dataset = CvitImageDataset(images, orders)
     fixed = mean_scores(CollapseOrders(data_dir / "orders" / "train"))  # the train-mean order
-    pss = token_l1_orders(LatentStore(data_dir / "latents" / "val.zarr", in_memory=None), images.keys)
+    pss, = token_l1_orders(LatentStore(data_dir / "latents" / "val.zarr", in_memory=None), images.keys)
     loader = DataLoader(dataset, batch_size=cfg.eval.batch_size, shuffle=False,
                         num_workers=cfg.train.num_workers)
     per_seed: dict[str, list[dict[str, Any]]] = {row: [] for row in ALL_ROWS}
@@ -105,9 +110,12 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
         cost_metrics[f"time_ratio@{lab}"] = round(cost[r]["time_ratio"], 5)
 
     arch = models["cvit"].arch
+    costs = (order_costs(read_json(scored_path).get("costs", {}),
+                         tokenizer_flops(params, data_dir, x[:1]), arch)
+             if scored_path.exists() else {"rows": {}, "skipped": f"{scored_path} not produced (run score_orders)"})
     metrics = {**summary["rows"], "contrasts": summary["contrasts"], "order_quality": quality,
                "interval": summary["interval"],
-               "ratios": ratios, "cost": cost_metrics,
+               "ratios": ratios, "cost": cost_metrics, "order_cost": costs,
                "eval": {"images": len(dataset), "seeds": list(cfg.seeds),
                         "random_draws": cfg.eval.random_draws, "grid": arch.grid,
                         "patch_size": arch.patch_size, "img_size": arch.img_size,
@@ -131,7 +139,17 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
     print(f"  forward at 78% dropped: {cost_metrics[f'flop_ratio@{r78}']:.3f} of the FLOPs, "
           f"{cost_metrics[f'time_ratio@{r78}']:.3f} of the time ({eval_s:.0f} s to evaluate)",
           flush=True)
+    print(format_costs(costs), flush=True)
     return metrics
+
+
+def tokenizer_flops(params: Params, data_dir: Path, image: torch.Tensor) -> float:
+    """FLOPs of the tokenizer's encoder on one image [1, 3, H, W] in [-1, 1] (the stand-in
+    patch tokenizer here, KL-16 in the full profile): what an order read from tokens pays
+    before its own compute."""
+    tokenizer = latents_tokenizer(params.tokenizer, data_dir / "latents", image.device)
+    with torch.inference_mode():
+        return float(flops_of(lambda: tokenizer.encode_moments(image)))
 
 
 def headline(report: dict[str, Any]) -> dict[str, Any]:

@@ -34,10 +34,10 @@ from pipeline.orders.shards import CollapseOrders
 from pipeline.paths import outputs
 from pipeline.tasks.critic import load_critic
 from pipeline.tasks.order_scores import (
-    CRITIC_BUILT, agreement, build_orders, flops_of, format_table, plot_curves, score,
+    CRITIC_BUILT, agreement, build_orders, format_table, plot_curves, score,
     summarise,
 )
-from pipeline.utils.device import pick_device
+from pipeline.utils.device import flops_of, pick_device
 from pipeline.utils.io import atomic_write_json, write_csv
 
 COMAE_TIMING_IMAGES = 16

@@ -59,7 +59,7 @@ def run(params: Params, variant: str = "cvit", seed: int = 0,
         tables, inputs = None, {}
         if drop == "token_l1":  # PSS: the token-norm order of each image and of its flip
             store = LatentStore(data_dir / "latents" / "train.zarr", in_memory=None)
-            tables = (token_l1_orders(store, images.keys), token_l1_orders(store, images.keys, flip=True))
+            tables = token_l1_orders(store, images.keys, flips=(False, True))
             inputs = {"latents": store.identity}
         dataset = CvitImageDataset(images, orders if drop == "collapse" else None,
                                    check_orders=orders, order_tables=tables)

@@ -199,6 +199,7 @@ def test_train_and_eval_stages(data: Path, capsys) -> None:
     assert headline["AuC_CViT"] == saved["CViT"]["AuC"]
     # no score_orders report in this data dir: the figure is skipped, and says why
     assert "order_scores.json not produced" in saved["order_quality"]["skipped"]
+    assert "order_scores.json not produced" in saved["order_cost"]["skipped"]
     assert headline["order_quality_spearman"] is None
     assert headline["top1@78_RViT"] == saved["RViT"]["top1@78"]
     n_ratios = len(params.cvit.eval.ratios)
@@ -327,3 +328,48 @@ def test_order_quality_correlates_criterion_and_accuracy_across_orders() -> None
     few = order_quality(per_seed, ratios, {"per_image_at22": {"collapse": [1.0]}}, 300, 0)
     assert few["rows"] == {} and "3 needed" in few["skipped"] and "not measured" in format_order_quality(few)
     assert "Spearman rho over 7 orders" in format_order_quality(q)
+
+
+def test_token_l1_orders_read_every_flip_in_one_pass(data: Path) -> None:
+    from pipeline.latents.store import LatentStore
+    from pipeline.orders.baselines import token_l1_scores
+    from pipeline.orders.pagerank import collapse_order
+    from pipeline.tasks.cvit import token_l1_orders
+
+    store = LatentStore(data / "latents" / "train.zarr", in_memory=False)
+    keys = list(reversed(store.keys))[:7]  # not the store's order, and chunks split mid-way
+    own, flipped = token_l1_orders(store, keys, flips=(False, True), chunk=3)
+    rows = [store.keys.index(k) for k in keys]
+    for flip, got in ((False, own), (True, flipped)):
+        grids = store.tokens(np.asarray(rows), flip=flip).flatten(2).transpose(1, 2).numpy()
+        assert np.array_equal(got, collapse_order(token_l1_scores(grids)))
+    assert own.dtype == np.uint8 and own.shape == (7, store.num_tokens)
+    assert not np.array_equal(own, flipped)  # the flip's tokens are its own, not a mirror
+    alone, = token_l1_orders(store, keys)
+    assert np.array_equal(alone, own)
+    with pytest.raises(ValueError, match="no latents.*nope"):
+        token_l1_orders(store, ["nope", *keys])
+
+
+def test_order_costs_add_the_orders_and_the_tokenizers_flops_to_the_vit() -> None:
+    from pipeline.models.vit import vit_forward_flops
+    from pipeline.tasks.cvit_eval import ORDER_COST_OF_ROW, format_costs, order_costs
+
+    arch = VitArch(img_size=32, patch_size=8, dim=32, depth=2, heads=2, num_classes=3)
+    made = {"collapse": {"flops": 4e9}, "token_l1": {"flops": 32.0}, "random": {"flops": 0.0},
+            "fixed": {"flops": 0.0}, "centre": {"flops": 0.0}, "halton": {"flops": 0.0},
+            "pixel_variance": {"flops": 9e3}}
+    c = order_costs(made, tokenizer_flops=2e3, arch=arch)
+    full, kept = vit_forward_flops(arch, 16), vit_forward_flops(arch, 4)  # 78% of 16 dropped: 4 kept
+    assert c["kept"] == 4 and c["full_vit_mflop"] == pytest.approx(full / 1e6)
+    rows = c["rows"]
+    assert set(rows) == set(ORDER_COST_OF_ROW)
+    assert rows["ViT"]["vs_full_vit"] == pytest.approx(kept / full)  # random drops cost nothing
+    assert rows["CViT"]["total_mflop"] == pytest.approx((kept + 2e3 + 4e9) / 1e6)  # tokens, then CoMAE
+    assert rows["CViT"]["vs_full_vit"] > 1 > rows["CViT[pss]"]["vs_full_vit"]
+    assert rows["CViT-pixvar"]["tokenizer_mflop"] == 0.0  # read from pixels
+    assert rows["CViT-other"]["vs_full_vit"] is None and rows["CViT[pss]-other"]["order"] is None
+    text = format_costs(c)
+    assert "x full ViT" in text and "(control)" in text
+    assert order_costs({}, 0.0, arch)["rows"]["CViT"]["total_mflop"] is None  # not costed: no figure
+    assert "not measured (why)" in format_costs({"rows": {}, "skipped": "why"})

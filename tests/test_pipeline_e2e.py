@@ -58,6 +58,7 @@ TRACKED_UNREAD = {
                                             "section whole (its model is that section)",
     ("train_judge", "tokenizer.checkpoint"): "read when tokenizer.kind is kl16",
     ("eval_cmar", "tokenizer.checkpoint"): "read when tokenizer.kind is kl16",
+    ("eval_cvit", "tokenizer.checkpoint"): "read when tokenizer.kind is kl16 (its FLOPs are counted)",
     ("train_cvit", "cvit.allow_missing_keys"): "read when cvit.model.pretrained is set",
 }
 # Keys whose edit is checked through `dvc status`: every key of the probe, sampling and
@@ -180,6 +181,10 @@ def test_dvc_repro_and_experiments(repo):
     assert 0.0 <= probe["precision_at_1"] <= 1.0 and probe["chance"] == pytest.approx(1 / 15)
     assert "L_r_own" in json.loads((root / "data/reports/comae.json").read_text())["val"]
     assert (root / "data/plots/cvit_accuracy.csv").exists()
+    # CViT's honest cost: the tokenizer counted, the collapse order's compute on top of the ViT's
+    cost = json.loads((root / "data/reports/cvit.json").read_text())["order_cost"]
+    assert cost["tokenizer_mflop"] > 0 and cost["rows"]["CViT"]["order"] == "collapse"
+    assert cost["rows"]["CViT"]["vs_full_vit"] > cost["rows"]["ViT"]["vs_full_vit"] > 0
     # Declared metrics are headline figures: flat, a dozen or so per stage; the rest is in reports.
     for path in sorted((root / "data/metrics").glob("*.json")):
         m = json.loads(path.read_text())
@@ -195,6 +200,7 @@ def test_dvc_repro_and_experiments(repo):
     # The offline report, rebuilt by the last stage.
     page = (root / "data/report.html").read_text()
     assert "https://" not in page and "http://" not in page and '<table class="orders">' in page
+    assert '<h2 id="cvit">' in page and "cost × full ViT" in page
 
     # Nothing changed: a second repro runs no stage.
     out = _run(dvc + ["repro"], root, env).stdout

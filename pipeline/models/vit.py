@@ -116,6 +116,14 @@ def patches_of(x: Tensor, patch_size: int, keep: Tensor | None = None) -> Tensor
     return patches.gather(1, keep[:, :, None, None, None].expand(-1, -1, C, p, p))
 
 
+def check_image_size(x: Tensor, img_size: int) -> torch.Size:
+    """x's shape [B, C, H, W], or a one-line error when it is not ``img_size`` square."""
+    H, W = x.shape[-2:]
+    if H != img_size or W != img_size:
+        raise ValueError(f"expected {img_size}x{img_size} images, got {H}x{W}")
+    return x.shape
+
+
 class PatchEmbed(nn.Module):
     """timm's ``PatchEmbed``: a p×p stride-p convolution, flattened to a row-major sequence."""
 
@@ -128,9 +136,7 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
         """x: [B, C, H, W] -> [B, N, D]; with ``keep`` [B, k] -> [B, k, D] (only kept patches)."""
-        B, C, H, W = x.shape
-        if H != self.img_size or W != self.img_size:
-            raise ValueError(f"expected {self.img_size}x{self.img_size} images, got {H}x{W}")
+        B, C, H, W = check_image_size(x, self.img_size)
         if keep is None:
             return self.proj(x).flatten(2).transpose(1, 2)  # [B, D, g, g] -> [B, N, D]
         # Embed only the kept patches: the conv is a linear map of each p×p patch, flattened
@@ -169,9 +175,7 @@ class PatchConvEmbed(nn.Module):
 
     def forward(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
         """x: [B, C, H, W] -> [B, N, D]; with ``keep`` [B, k] -> [B, k, D] (only kept patches)."""
-        B, C, H, W = x.shape
-        if H != self.img_size or W != self.img_size:
-            raise ValueError(f"expected {self.img_size}x{self.img_size} images, got {H}x{W}")
+        B, C, H, W = check_image_size(x, self.img_size)
         patches = patches_of(x, self.patch_size, keep)  # [B, k, C, p, p]
         k, p = patches.shape[1], self.patch_size
         feats = self.convs(patches.reshape(B * k, C, p, p))  # [B·k, 2w, p/2, p/2]

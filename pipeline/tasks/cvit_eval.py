@@ -41,14 +41,14 @@ from torch import Tensor
 
 from pipeline.metrics.curves import auc, kneedle, topk_hits
 from pipeline.metrics.intervals import resample_weights, seed_mean_interval
-from pipeline.models.vit import VisionTransformer, vit_forward_flops
+from pipeline.models.vit import VisionTransformer, VitArch, vit_forward_flops
 from pipeline.orders.baselines import (
     centre_scores, fixed_scores, halton_scores, pixel_variance_scores,
 )
 from pipeline.orders.pagerank import collapse_order
 from pipeline.tasks.cvit import (
     ROWS, OrdersMismatchError, keep_first, num_keep, orders_tokenizer_fingerprint,
-    random_order, token_l1_orders,
+    random_order,
 )
 from pipeline.utils.device import autocast
 from pipeline.utils.images import images_to_input
@@ -127,7 +127,7 @@ class EvalOrders:
 
     ``image_orders`` [n, N]: each image's collapse order; ``mean_scores`` [N]: the train
     split's mean collapse scores (the ``fixed`` baseline); ``grid``: the patch grid;
-    ``token_orders`` [n, N]: each image's token-L1 (PSS) order (:func:`token_l1_orders`).
+    ``token_orders`` [n, N]: each image's token-L1 (PSS) order (:func:`pipeline.tasks.cvit.token_l1_orders`).
     """
 
     def __init__(self, image_orders: np.ndarray, mean_scores: np.ndarray, grid: int,
@@ -407,6 +407,60 @@ def plot_fig8(path: Path, rows: dict[str, dict[str, Any]], ratios: list[float], 
     plt.close(fig)
 
 
+# ----------------------------------------------------------------------------- the honest cost
+
+# every row -> the order it keeps first at test (``score_orders``' name, for its cost); None: a
+# control whose order no method would compute (another image's)
+ORDER_COST_OF_ROW: dict[str, str | None] = {
+    "ViT": "random", "ViT+C": "collapse", "RViT": "random", "CViT": "collapse",
+    "CViT-fixed": "fixed", "CViT-centre": "centre", "CViT-pixvar": "pixel_variance",
+    "CViT-pss": "token_l1", "CViT-halton": "halton", "CViT-other": None,
+    "CViT[pss]": "token_l1", "CViT[pss]-other": None}
+# orders computed from the image's tokens: they pay for the tokenizer's encoder too
+READS_TOKENS = frozenset({"collapse", "collapse_asc", "collapse_indeg", "token_l1",
+                          "token_saliency", "confidence", "greedy"})
+
+
+def order_costs(order_flops: dict[str, dict[str, Any]], tokenizer_flops: float, arch: VitArch,
+                ratio: float = 0.78) -> dict[str, Any]:
+    """FLOPs per image of every row at ``ratio`` dropped, against the full ViT's forward pass:
+    the ViT on the kept patches, plus making the order (``order_flops``: ``score_orders``'
+    ``costs``, the estimator and PageRank for the collapse order), plus the tokenizer's encoder
+    when the order reads tokens. The paper's "22% of the patches" counts only the first term."""
+    N = arch.grid * arch.grid
+    kept = num_keep(ratio, N)
+    full, vit = vit_forward_flops(arch, N), vit_forward_flops(arch, kept)
+    rows: dict[str, dict[str, Any]] = {}
+    for row, name in ORDER_COST_OF_ROW.items():
+        own = None if name is None else order_flops.get(name, {}).get("flops")
+        if own is None:  # another image's order, or an order score_orders did not cost
+            rows[row] = {"order": name, "total_mflop": None, "vs_full_vit": None}
+            continue
+        tok = tokenizer_flops if name in READS_TOKENS else 0.0
+        total = vit + tok + float(own)
+        rows[row] = {"order": name, "order_mflop": float(own) / 1e6, "tokenizer_mflop": tok / 1e6,
+                     "total_mflop": total / 1e6, "vs_full_vit": total / full}
+    return {"ratio": ratio, "kept": kept, "vit_mflop": vit / 1e6, "full_vit_mflop": full / 1e6,
+            "tokenizer_mflop": tokenizer_flops / 1e6, "rows": rows}
+
+
+def format_costs(c: dict[str, Any]) -> str:
+    if not c.get("rows"):
+        return f"cost: not measured ({c.get('skipped')})"
+    lab = ratio_label(c["ratio"])
+    lines = [f"cost per image at {lab}% dropped, MFLOP (full ViT forward {c['full_vit_mflop']:.1f}; "
+             f"on the {c['kept']} kept patches {c['vit_mflop']:.1f}; tokenizer encoder "
+             f"{c['tokenizer_mflop']:.1f}):",
+             f"  {'row':<16}{'order':<16}{'order':>10}{'tokenizer':>11}{'total':>10}{'x full ViT':>12}"]
+    for row, e in c["rows"].items():
+        if e["total_mflop"] is None:
+            lines.append(f"  {row:<16}{str(e['order'] or '(control)'):<16}{'':>10}{'':>11}{'':>10}{'—':>12}")
+            continue
+        lines.append(f"  {row:<16}{e['order']:<16}{e['order_mflop']:>10.2f}{e['tokenizer_mflop']:>11.2f}"
+                     f"{e['total_mflop']:>10.1f}{e['vs_full_vit']:>12.2f}")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- the claim in one figure
 
 # CViT row -> the name ``score_orders`` gives the order that row keeps first
@@ -495,6 +549,6 @@ def plot_order_quality(path: Path, q: dict[str, Any], title: str) -> None:
 
 __all__ = ["ALL_ROWS", "CONTRASTS", "CONTROLS", "TABLE_RATIOS", "EvalOrders", "accuracy_csv",
            "auc_weights", "check_model_fits", "derangement", "evaluate_rows", "format_table",
-           "measure_cost", "ORDER_OF_ROW", "order_quality", "format_order_quality",
-           "plot_fig8", "plot_order_quality", "random_draw_seed", "ratio_label", "summarise",
-           "token_l1_orders"]
+           "measure_cost", "ORDER_COST_OF_ROW", "ORDER_OF_ROW", "READS_TOKENS", "format_costs",
+           "order_costs", "order_quality", "format_order_quality",
+           "plot_fig8", "plot_order_quality", "random_draw_seed", "ratio_label", "summarise"]

@@ -26,7 +26,6 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from scipy.stats import spearmanr
-from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.metrics.collapse import (
     collapse_curves, confidence_orders, curve_area, greedy_orders, hidden_mean, paired_summary,
@@ -35,17 +34,12 @@ from pipeline.metrics.intervals import resample_weights
 from pipeline.models.critic import Critic
 from pipeline.orders import baselines
 from pipeline.orders.pagerank import collapse_order
+from pipeline.utils.device import flops_of
 
 CHEAP = ("random", "raster", "centre", "halton", "fixed", "pixel_variance", "token_saliency",
          "token_l1")
 COMAE = ("collapse", "collapse_asc", "collapse_indeg", "other_image")
 CRITIC_BUILT = ("confidence", "greedy")
-
-
-def flops_of(fn: Callable[[], Any]) -> int:
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return int(counter.get_total_flops())
 
 
 def nll_fn(critic: Critic) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -238,5 +232,5 @@ def plot_curves(path: Any, curves: dict[str, list[float]], ks: list[int], num_to
     plt.close(fig)
 
 
-__all__ = ["CHEAP", "COMAE", "CRITIC_BUILT", "agreement", "build_orders", "flops_of",
+__all__ = ["CHEAP", "COMAE", "CRITIC_BUILT", "agreement", "build_orders",
            "format_table", "plot_curves", "score", "summarise"]

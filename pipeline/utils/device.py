@@ -4,14 +4,24 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from typing import Any, Callable
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 
 def pick_device(local_rank: int = 0) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
+
+
+def flops_of(fn: Callable[[], Any]) -> int:
+    """FLOPs (2 per multiply-accumulate) of the matmuls, convolutions and attention that
+    ``fn()`` runs, counted by ``torch.utils.flop_counter`` (elementwise work is not counted)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
 
 
 def module_device(model: object) -> torch.device:

@@ -9,7 +9,8 @@ Whatever has not been produced yet is shown as "not produced"; nothing here rais
 missing or unreadable artifact.
 
 Sections: the collapse order against its baselines (``data/reports/orders.json``,
-``baselines`` -> split -> ``table``), the headline figures of every stage, the training
+``baselines`` -> split -> ``table``), every order by the collapse criterion, the CViT table
+with its contrasts and costs (``data/reports/cvit.json``), the headline figures of every stage, the training
 curves, the collapse-order pictures (Fig. 4/5), Fig. 8 and the CMAR sample grid, then the full
 records of ``data/reports/`` folded away.
 """
@@ -49,6 +50,9 @@ STAGE_METRICS = (
 ORDER_ROWS = ("collapse", "random", "fixed", "centre", "pixel_variance", "token_saliency")
 ORDER_COLS = (("auc", "object AUC"), ("auc_ci", "± 95% CI"), ("top10", "top 10%"),
               ("top25", "top 25%"), ("top50", "top 50%"), ("pos_auc", "position-stratified AUC"))
+# eval_cvit's rows in the order of its table (Tab. 5, then the controls); others follow
+CVIT_ROWS = ("ViT", "ViT+C", "RViT", "CViT", "CViT-fixed", "CViT-centre", "CViT-pixvar", "CViT-pss",
+             "CViT-halton", "CViT-other", "CViT[pss]", "CViT[pss]-other")
 # (title, csv path relative to data/, x column, y columns)
 CURVES = (
     ("CoMAE losses", "plots/comae_train.csv", "step", ("L_r", "L_c", "H_mask")),
@@ -61,8 +65,7 @@ CURVES = (
     ("Judge training loss and accuracy", "plots/judge_train.csv", "step", ("loss", "acc")),
     ("MAR pretraining loss (random order)", "plots/pretrain_mar_train.csv", "step", ("loss",)),
     ("CViT top-1 (%) vs mask ratio (mean over seeds)", "plots/cvit_accuracy.csv", "mask_ratio",
-     ("ViT", "ViT+C", "RViT", "CViT", "CViT-fixed", "CViT-centre", "CViT-pixvar", "CViT-pss",
-      "CViT-halton", "CViT-other")),
+     CVIT_ROWS),
 )
 MAX_RECORD_CHARS = 60_000  # a full record longer than this is cut in the folded section
 
@@ -174,6 +177,45 @@ def criterion_section(data_dir: Path) -> str:
     png = data_dir / "plots" / "collapse_curves.png"
     out.append(png_file(png, "data/plots/collapse_curves.png") if png.exists()
                else missing("data/plots/collapse_curves.png"))
+    return "".join(out)
+
+
+def cvit_section(data_dir: Path) -> str:
+    """Tab. 5 with its controls and paired contrasts, and each row's cost (stage eval_cvit)."""
+    out = ['<h2 id="cvit">CViT: top-1 with patches dropped (Tab. 5)</h2>',
+           '<p class="note">Mean over fine-tuning seeds, 95% bootstrap interval over val images. '
+           'Cost: FLOPs per image at 78% dropped (the ViT on the kept patches, plus making the '
+           'order, plus the tokenizer when the order reads tokens) against the full ViT\'s '
+           'forward; "—": another image\'s order, a control no method computes. From '
+           '<code>data/reports/cvit.json</code>.</p>']
+    rec = read_json_or_none(data_dir / "reports" / "cvit.json")
+    if not isinstance(rec, dict) or "contrasts" not in rec:
+        return "".join(out) + missing("data/reports/cvit.json")
+    ci = (lambda e, k, sign="": f"{e[k]:{sign}.1f} [{e[k + '_ci'][0]:{sign}.1f}, {e[k + '_ci'][1]:{sign}.1f}]")
+    cost = rec.get("order_cost", {}).get("rows", {})
+    head = ("row", "top-1 @0% [95% CI]", "top-1 @78% [95% CI]", "AuC [95% CI]", "order",
+            "cost × full ViT")
+    rows = [r for r, e in rec.items() if isinstance(e, dict) and "top1@78_ci" in e and "top1@0" in e]
+    body = ""
+    for row in sorted(rows, key=lambda r: (CVIT_ROWS.index(r) if r in CVIT_ROWS else len(CVIT_ROWS), r)):
+        e, c = rec[row], cost.get(row, {})
+        cells = (ci(e, "top1@0"), ci(e, "top1@78"), ci(e, "AuC"), c.get("order") or "",
+                 "" if not c else "—" if c.get("vs_full_vit") is None else f"{c['vs_full_vit']:.2f}")
+        cls = ' class="hl"' if row == "CViT" else ""
+        body += (f'<tr{cls}><td class="k">{esc(row)}</td>'
+                 + "".join(f"<td>{esc(x)}</td>" for x in cells) + "</tr>")
+    out.append('<table class="orders"><tr>' + "".join(f"<th>{esc(h)}</th>" for h in head)
+               + f"</tr>{body}</table>")
+    pairs = "".join(f'<tr><td class="k">{esc(n)}</td><td>{esc(ci(e, "top1@78", "+"))}</td>'
+                    f'<td>{esc(ci(e, "AuC", "+"))}</td></tr>' for n, e in rec["contrasts"].items())
+    out.append('<table class="orders"><tr><th>paired contrast</th><th>Δ top-1 @78%</th>'
+               f'<th>Δ AuC</th></tr>{pairs}</table>')
+    q = rec.get("order_quality", {})
+    if q.get("rows"):
+        lo, hi = q["spearman_ci"]
+        out.append(f'<p class="note">Order quality against CViT top-1 over {len(q["rows"])} '
+                   f'orders: Spearman ρ = {q["spearman"]:+.2f} [{lo:+.2f}, {hi:+.2f}] (the '
+                   'paper\'s claim predicts &lt; 0; the figure is below, under Fig. 8).</p>')
     return "".join(out)
 
 
@@ -306,11 +348,13 @@ def build_report(data_dir: str | Path = "data", title: str = "The Collapse of Pa
     """The whole report as one HTML string (no external reference, every image inline)."""
     data_dir = Path(data_dir)
     nav = "".join(f'<a href="#{a}">{esc(t)}</a>' for a, t in (
-        ("orders", "orders vs baselines"), ("criterion", "collapse criterion"), ("metrics", "metrics"), ("curves", "curves"),
+        ("orders", "orders vs baselines"), ("criterion", "collapse criterion"), ("cvit", "CViT table"),
+        ("metrics", "metrics"), ("curves", "curves"),
         ("orders-pictures", "order pictures"), ("fig8", "Fig. 8"), ("samples", "samples"),
         ("records", "full records")))
     body = "".join(section(data_dir) for section in (
-        orders_section, criterion_section, metrics_section, curves_section, pictures_section, records_section))
+        orders_section, criterion_section, cvit_section, metrics_section, curves_section,
+        pictures_section, records_section))
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{esc(title)}</title><style>{CSS}</style></head><body>"
             f"<h1>{esc(title)}</h1><p class=\"note\">Built from <code>{esc(data_dir)}/</code> by "
