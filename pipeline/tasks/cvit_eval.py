@@ -340,13 +340,13 @@ def format_table(summary: dict[str, Any]) -> str:
         return f"{e[key]:6.2f} [{lo:6.2f}, {hi:6.2f}]"
 
     seeds = summary["interval"]["seeds"]
-    lines = [f"{'row':12s} {'top1@0':>24s} {'top1@78':>24s} {'AuC':>24s}  AuC per seed {seeds}"]
+    lines = [f"{'row':16s} {'top1@0':>24s} {'top1@78':>24s} {'AuC':>24s}  AuC per seed {seeds}"]
     for row, e in summary["rows"].items():
-        lines.append(f"{row:12s} {cell(e, 'top1@0')} {cell(e, 'top1@78')} {cell(e, 'AuC')}  "
+        lines.append(f"{row:16s} {cell(e, 'top1@0')} {cell(e, 'top1@78')} {cell(e, 'AuC')}  "
                      + " ".join(f"{v:6.2f}" for v in e["AuC_per_seed"]))
-    lines.append(f"{'contrast':24s} {'d top1@78':>24s} {'d AuC':>24s}  d AuC per seed")
+    lines.append(f"{'contrast':29s} {'d top1@78':>24s} {'d AuC':>24s}  d AuC per seed")
     for name, e in summary["contrasts"].items():
-        lines.append(f"{name:24s} {cell(e, 'top1@78')} {cell(e, 'AuC')}  "
+        lines.append(f"{name:29s} {cell(e, 'top1@78')} {cell(e, 'AuC')}  "
                      + " ".join(f"{v:6.2f}" for v in e["AuC_per_seed"]))
     return "\n".join(lines)
 
