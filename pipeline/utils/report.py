@@ -90,6 +90,22 @@ nav a { margin-right: 12px; }
 
 # ---------------------------------------------------------------------------- sections
 
+def _record(data_dir: Path, stem: str, key: str) -> dict | None:
+    """``data/reports/<stem>.json`` when it is a record with ``key``; None otherwise."""
+    rec = read_json_or_none(data_dir / "reports" / f"{stem}.json")
+    return rec if isinstance(rec, dict) and key in rec else None
+
+
+def _table(head: Iterable[str], rows: list[tuple[str, Iterable[str]]], highlight: str | None = None
+           ) -> str:
+    """An HTML table: a header row, then per row its name (first column) and its cells."""
+    hl = ' class="hl"'
+    body = "".join(f'<tr{hl if name == highlight else ""}><td class="k">{esc(name)}</td>'
+                   + "".join(f"<td>{esc(x)}</td>" for x in cells) + "</tr>" for name, cells in rows)
+    return ('<table class="orders"><tr>' + "".join(f"<th>{esc(h)}</th>" for h in head)
+            + f"</tr>{body}</table>")
+
+
 def orders_section(data_dir: Path) -> str:
     """The collapse order against its five baselines, per split (val first)."""
     out = ['<h2 id="orders">Collapse order vs baselines</h2>',
@@ -142,8 +158,8 @@ def criterion_section(data_dir: Path) -> str:
            'order cannot score by leaving easy tokens hidden). L1: the critic\'s prediction error '
            'summed over channels, L_r\'s units. Greedy gain: the share of the greedy reference\'s '
            'gain over random each order reaches. From <code>data/reports/order_scores.json</code>.</p>']
-    rec = read_json_or_none(data_dir / "reports" / "order_scores.json")
-    if not isinstance(rec, dict) or "summary" not in rec:
+    rec = _record(data_dir, "order_scores", "summary")
+    if rec is None:
         return "".join(out) + missing("data/reports/order_scores.json")
     summ, costs, auc = rec["summary"], rec.get("costs", {}), rec.get("object_auc", {})
     adj, l1 = rec.get("adjusted", {}).get("area", {}), rec.get("l1", {}).get("area", {})
@@ -152,7 +168,7 @@ def criterion_section(data_dir: Path) -> str:
     head = ("order", "area [95% CI]", "Δ vs random", f"Δ vs {summ['best_cheap']} (best cheap)",
             "@22%", "@50%", "greedy gain", "adjusted Δ vs random", "L1 Δ vs random",
             "object AUC", "s / image", "MFLOP / image")
-    body = ""
+    body = []
     for name in sorted(summ["area"], key=lambda n: summ["area"][n]["mean"]):
         r, c = summ["area"][name], costs.get(name, {})
         cells = (f"{r['mean']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}]", ci(r.get("vs_random")),
@@ -162,11 +178,8 @@ def criterion_section(data_dir: Path) -> str:
                  ci(adj.get(name, {}).get("vs_random")), ci(l1.get(name, {}).get("vs_random")),
                  fmt(auc.get(name)),
                  fmt(c.get("seconds")), "" if c.get("flops") is None else f"{c['flops'] / 1e6:.2f}")
-        cls = ' class="hl"' if name == "collapse" else ""
-        body += (f'<tr{cls}><td class="k">{esc(name)}</td>'
-                 + "".join(f"<td>{esc(x)}</td>" for x in cells) + "</tr>")
-    out.append('<table class="orders"><tr>' + "".join(f"<th>{esc(h)}</th>" for h in head)
-               + f"</tr>{body}</table>")
+        body.append((name, cells))
+    out.append(_table(head, body, highlight="collapse"))
     agree = rec.get("agreement", {})
     made = costs.get("collapse", {}).get("built_by") or "comae"
     out.append(f'<p class="note">{fmt(rec.get("images"))} val images; the exported order '
@@ -188,28 +201,23 @@ def cvit_section(data_dir: Path) -> str:
            'order, plus the tokenizer when the order reads tokens) against the full ViT\'s '
            'forward; "—": another image\'s order, a control no method computes. From '
            '<code>data/reports/cvit.json</code>.</p>']
-    rec = read_json_or_none(data_dir / "reports" / "cvit.json")
-    if not isinstance(rec, dict) or "contrasts" not in rec:
+    rec = _record(data_dir, "cvit", "contrasts")
+    if rec is None:
         return "".join(out) + missing("data/reports/cvit.json")
     ci = (lambda e, k, sign="": f"{e[k]:{sign}.1f} [{e[k + '_ci'][0]:{sign}.1f}, {e[k + '_ci'][1]:{sign}.1f}]")
     cost = rec.get("order_cost", {}).get("rows", {})
     head = ("row", "top-1 @0% [95% CI]", "top-1 @78% [95% CI]", "AuC [95% CI]", "order",
             "cost × full ViT")
     rows = [r for r, e in rec.items() if isinstance(e, dict) and "top1@78_ci" in e and "top1@0" in e]
-    body = ""
+    body = []
     for row in sorted(rows, key=lambda r: (CVIT_ROWS.index(r) if r in CVIT_ROWS else len(CVIT_ROWS), r)):
         e, c = rec[row], cost.get(row, {})
         cells = (ci(e, "top1@0"), ci(e, "top1@78"), ci(e, "AuC"), c.get("order") or "",
                  "" if not c else "—" if c.get("vs_full_vit") is None else f"{c['vs_full_vit']:.2f}")
-        cls = ' class="hl"' if row == "CViT" else ""
-        body += (f'<tr{cls}><td class="k">{esc(row)}</td>'
-                 + "".join(f"<td>{esc(x)}</td>" for x in cells) + "</tr>")
-    out.append('<table class="orders"><tr>' + "".join(f"<th>{esc(h)}</th>" for h in head)
-               + f"</tr>{body}</table>")
-    pairs = "".join(f'<tr><td class="k">{esc(n)}</td><td>{esc(ci(e, "top1@78", "+"))}</td>'
-                    f'<td>{esc(ci(e, "AuC", "+"))}</td></tr>' for n, e in rec["contrasts"].items())
-    out.append('<table class="orders"><tr><th>paired contrast</th><th>Δ top-1 @78%</th>'
-               f'<th>Δ AuC</th></tr>{pairs}</table>')
+        body.append((row, cells))
+    out.append(_table(head, body, highlight="CViT"))
+    out.append(_table(("paired contrast", "Δ top-1 @78%", "Δ AuC"),
+                      [(n, (ci(e, "top1@78", "+"), ci(e, "AuC", "+"))) for n, e in rec["contrasts"].items()]))
     q = rec.get("order_quality", {})
     if q.get("rows"):
         lo, hi = q["spearman_ci"]
