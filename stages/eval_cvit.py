@@ -92,10 +92,11 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
             per_seed[row].append(s)
     summary = summarise(per_seed, ratios, list(cfg.seeds), cfg.eval.bootstrap, boot_seed=params.seed)
     scored_path = data_dir / "reports" / "order_scores.json"
-    quality = (order_quality(per_seed, ratios, read_json(scored_path), cfg.eval.bootstrap, params.seed)
-               if scored_path.exists() and 0.78 in ratios else
-               {"rows": {}, "skipped": f"{scored_path} not produced (run score_orders)"
-                if not scored_path.exists() else "0.78 is not among cvit.eval.ratios"})
+    scored = read_json(scored_path) if scored_path.exists() else None
+    not_scored = {"rows": {}, "skipped": f"{scored_path} not produced (run score_orders)"}
+    quality = (order_quality(per_seed, ratios, scored, cfg.eval.bootstrap, params.seed)
+               if scored is not None and 0.78 in ratios else
+               not_scored if scored is None else {"rows": {}, "skipped": "0.78 is not among cvit.eval.ratios"})
     eval_s = time.perf_counter() - t0
 
     # Cost: the last seed's CViT model on one evaluation batch (every variant shares the arch).
@@ -110,9 +111,8 @@ def run(params: Params, data_dir: Path | str = Path("data")) -> dict[str, Any]:
         cost_metrics[f"time_ratio@{lab}"] = round(cost[r]["time_ratio"], 5)
 
     arch = models["cvit"].arch
-    costs = (order_costs(read_json(scored_path).get("costs", {}),
-                         tokenizer_flops(params, data_dir, x[:1]), arch)
-             if scored_path.exists() else {"rows": {}, "skipped": f"{scored_path} not produced (run score_orders)"})
+    costs = (order_costs(scored.get("costs", {}), tokenizer_flops(params, data_dir, x[:1]), arch)
+             if scored is not None else not_scored)
     metrics = {**summary["rows"], "contrasts": summary["contrasts"], "order_quality": quality,
                "interval": summary["interval"],
                "ratios": ratios, "cost": cost_metrics, "order_cost": costs,

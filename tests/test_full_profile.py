@@ -146,6 +146,9 @@ def test_full_profile_in_miniature(tmp_path):
     vit = read("cvit/vit_s0/pretrained.json")
     assert vit["start"] == "published" and vit["pos_embed_resized"] == [14, 16]
     assert set(vit["reinitialized"]) == {"head.weight", "head.bias"}  # 21,843 in21k classes -> 4
+    # CViT's cost counts KL-16's encoder at 256² (~138 GFLOP: far above the patch stand-in's)
+    cost = read("reports/cvit.json")["order_cost"]
+    assert cost["tokenizer_mflop"] > 1e4 and cost["rows"]["CViT"]["tokenizer_mflop"] == cost["tokenizer_mflop"]
     assert read("reports/pretrain_mar.json")["published"].endswith("checkpoint-last.pth")
     assert read("cmar/cmar/pretrained.json")["pretrained_key"] == "model_ema"
     from safetensors.torch import load_file

@@ -409,13 +409,10 @@ def plot_fig8(path: Path, rows: dict[str, dict[str, Any]], ratios: list[float], 
 
 # ----------------------------------------------------------------------------- the honest cost
 
-# every row -> the order it keeps first at test (``score_orders``' name, for its cost); None: a
-# control whose order no method would compute (another image's)
+# every row -> the order it keeps first at test, for its cost (the test drops share
+# ``score_orders``' names); None: another image's order, a control no method would compute
 ORDER_COST_OF_ROW: dict[str, str | None] = {
-    "ViT": "random", "ViT+C": "collapse", "RViT": "random", "CViT": "collapse",
-    "CViT-fixed": "fixed", "CViT-centre": "centre", "CViT-pixvar": "pixel_variance",
-    "CViT-pss": "token_l1", "CViT-halton": "halton", "CViT-other": None,
-    "CViT[pss]": "token_l1", "CViT[pss]-other": None}
+    row: None if drop.endswith("other") else drop for row, (_, drop) in ALL_ROWS.items()}
 # orders computed from the image's tokens: they pay for the tokenizer's encoder too
 READS_TOKENS = frozenset({"collapse", "collapse_asc", "collapse_indeg", "token_l1",
                           "token_saliency", "confidence", "greedy"})
